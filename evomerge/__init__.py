@@ -1,0 +1,3 @@
+"""evomerge: evolve LLM merge recipes."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,212 @@
+"""`evomerge search | merge | eval | export | report | zoo`: parse, build, run, clean up."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from evomerge.errors import EvomergeError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Evolve LLM merge recipes.")
+err_console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _friendly_errors(fn: F) -> F:
+    """Bad input: one line naming the culprit, exit code 2, no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except EvomergeError as e:
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=e.exit_code) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _device(device: str | None) -> str:
+    if device:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@app.command()
+@_friendly_errors
+def merge(
+    recipe: Annotated[Path, typer.Argument(help="mergekit-style merge YAML")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output model directory")],
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available)")] = None,
+    seed: Annotated[int, typer.Option(help="seed for stochastic methods (DARE, DELLA)")] = 0,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="also read pickle .bin weights (unsafe)")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing output directory")] = False,
+    max_shard_size: Annotated[str, typer.Option(help="largest output shard, e.g. 5GB, 500MB")] = "5GB",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Merge models as a recipe says and write a Hugging Face model directory."""
+    from evomerge.merge import merge_to_disk
+    from evomerge.recipe import Recipe
+
+    parsed = Recipe.load(recipe)
+    plan = merge_to_disk(
+        parsed,
+        out,
+        device=_device(device),
+        seed=seed,
+        allow_pickle=allow_pickle,
+        overwrite=overwrite,
+        max_shard_bytes=_parse_size(max_shard_size),
+        progress=not quiet and sys.stderr.isatty(),
+    )
+    if not quiet:
+        Console().print(f"wrote {len(plan.tasks)} tensors, {plan.num_layers} layers to [bold]{out}[/]")
+
+
+@app.command()
+@_friendly_errors
+def search(
+    config: Annotated[Path | None, typer.Argument(help="search config YAML (see search_spaces/)")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="run directory (default: runs/<config>-<time>)")] = None,
+    resume: Annotated[Path | None, typer.Option("--resume", help="continue the run in this directory")] = None,
+    max_evals: Annotated[int | None, typer.Option("--max-evals", help="override budget.max_evals")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", help="Ray workers; 0 runs in-process")] = None,
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="join this Ray cluster")] = None,
+    num_gpus: Annotated[float, typer.Option("--gpus-per-worker", help="GPUs per worker (fractional allowed)")] = 0.0,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available)")] = None,
+    save_best: Annotated[Path | None, typer.Option("--save-best", help="also write the best merge here")] = None,
+    no_report: Annotated[bool, typer.Option("--no-report", help="skip the held-out report at the end")] = False,
+) -> None:
+    """Evolve a merge recipe: optimizer proposes, workers merge in memory and score with lm-eval."""
+    from evomerge.run import search as run_search
+
+    console = Console()
+    summary = run_search(
+        config, run_dir=resume or out, resume=resume is not None, max_evals=max_evals, workers=workers,
+        ray_address=ray_address, num_gpus=num_gpus, device=device, progress=sys.stderr.isatty(),
+    )
+    best = f"best trial #{summary.best_id}: fitness {summary.best_fitness:.4f}" if summary.best_id is not None else "no successful trial"
+    console.print(
+        f"{summary.trials} trials ({summary.failed} failed) in {summary.seconds:.0f} s; {best}; run directory [bold]{summary.run_dir}[/]"
+    )
+    if summary.interrupted:
+        console.print(f"interrupted: continue with [bold]evomerge search --resume {summary.run_dir}[/]")
+        raise typer.Exit(code=130)
+    if save_best is not None and summary.best_id is not None:
+        _materialize(summary.run_dir, None, save_best, device)
+    if not no_report:
+        from evomerge.report import make_report
+
+        make_report(summary.run_dir, device=device, console=console)
+        console.print(f"report: {summary.run_dir / 'report.md'}")
+
+
+@app.command()
+@_friendly_errors
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="a search run directory")],
+    trial: Annotated[int | None, typer.Option("--trial", help="trial id (default: the best)")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="write here instead of stdout")] = None,
+    mergekit: Annotated[bool, typer.Option("--mergekit", help="mergekit-runnable form (mergekit-multi when slices use several methods)")] = False,
+) -> None:
+    """Export the exact recipe a trial scored, as standalone YAML."""
+    from evomerge.export import dump_documents, to_mergekit_documents, trial_recipe
+
+    recipe, record = trial_recipe(run_dir, trial)
+    text = dump_documents(to_mergekit_documents(recipe)) if mergekit else recipe.to_yaml()
+    header = f"# evomerge trial #{record['id']}, dev fitness {record['fitness']}\n"
+    if out is None:
+        sys.stdout.write(header + text)
+    else:
+        out.write_text(header + text)
+        Console(stderr=True).print(f"wrote {out}")
+
+
+@app.command()
+@_friendly_errors
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="a search run directory")],
+    device: Annotated[str | None, typer.Option(help="cpu or cuda")] = None,
+) -> None:
+    """Plots (fitness.png, knobs.png) and the held-out table (report.md) of a run."""
+    from evomerge.report import make_report
+
+    make_report(run_dir, device=device)
+    Console().print(f"report: {run_dir / 'report.md'}")
+
+
+@app.command("eval")
+@_friendly_errors
+def eval_(
+    model: Annotated[Path, typer.Argument(help="model directory (safetensors + tokenizer)")],
+    tasks: Annotated[str, typer.Option("--tasks", help="comma-separated task[:metric] names")],
+    limit: Annotated[int | None, typer.Option("--limit", help="samples per task")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the metrics here")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda")] = None,
+    batch_size: Annotated[int, typer.Option(help="lm-eval batch size")] = 64,
+) -> None:
+    """Score a model with lm-eval on evomerge's tasks (or any lm-eval task)."""
+    import json
+
+    from evomerge.evaluate import print_scores, score_model_dir
+
+    score = score_model_dir(model, [t for t in tasks.split(",") if t], limit=limit, device=_device(device), batch_size=batch_size)
+    print_scores({str(model): score})
+    if json_out is not None:
+        json_out.write_text(json.dumps({"fitness": score.fitness, "metrics": score.metrics}, indent=1))
+
+
+zoo_app = typer.Typer(no_args_is_help=True, help="The built-in demo zoo of tiny trained models.")
+app.add_typer(zoo_app, name="zoo")
+
+
+@zoo_app.command("build")
+@_friendly_errors
+def zoo_build(
+    out: Annotated[Path | None, typer.Option("--out", help="zoo directory (default: $EVOMERGE_ZOO_DIR or ~/.cache/evomerge/zoo)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="rebuild even if a build is there")] = False,
+) -> None:
+    """Build (or reuse) the demo zoo: a base model and three specialists."""
+    from evomerge.zoo.build import build_zoo
+
+    zoo = build_zoo(out, force=force)
+    Console().print(f"zoo at [bold]{zoo.root}[/]: base + {', '.join(zoo.specialists)}")
+
+
+def _materialize(run_dir: Path, trial: int | None, out: Path, device: str | None) -> None:
+    import yaml
+
+    from evomerge.export import trial_recipe
+    from evomerge.merge import merge_to_disk
+    from evomerge.search_config import parse_search_config
+
+    recipe, _ = trial_recipe(run_dir, trial)
+    seed = parse_search_config(yaml.safe_load((run_dir / "config.yaml").read_text())).seed
+    merge_to_disk(recipe, out, device=_device(device), seed=seed, progress=False)
+    Console().print(f"best merge written to [bold]{out}[/]")
+
+
+def _parse_size(text: str) -> int:
+    import re
+
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", text)
+    if not match or match.group(2).upper() not in units:
+        raise EvomergeError(f"--max-shard-size: cannot read size '{text}' (e.g. 5GB, 500MB)")
+    return int(float(match.group(1)) * units[match.group(2).upper()])
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Export a scored recipe: as evomerge runs it, and in a form mergekit runs unchanged.
+
+mergekit has one `merge_method` per file. A recipe whose slices use different methods becomes a
+`mergekit-multi` file: one named merge per method (holding just that method's slices, in order),
+then a passthrough that stacks the layer ranges back in the original order. Kernels work tensor by
+tensor, so the weights are the same: the first part starts with the recipe's first slice (its
+embeddings) and the part holding the last slice ends with it (final norm and head).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from evomerge.errors import EvomergeError
+from evomerge.recipe import Recipe
+from evomerge.run import read_trials
+
+
+def trial_recipe(run_dir: Path, trial: int | None = None) -> tuple[Recipe, dict[str, Any]]:
+    """The recipe of trial `trial` (default: the best), exactly as it was scored."""
+    trials = read_trials(run_dir)
+    if not trials:
+        raise EvomergeError(f"{run_dir}: no finished trials")
+    if trial is None:
+        scored = [t for t in trials if t["fitness"] is not None]
+        if not scored:
+            raise EvomergeError(f"{run_dir}: every trial failed; nothing to export")
+        record = max(scored, key=lambda t: t["fitness"])
+    else:
+        matches = [t for t in trials if t["id"] == trial]
+        if not matches:
+            raise EvomergeError(f"{run_dir}: no trial {trial} (trials: {trials[0]['id']}..{trials[-1]['id']})")
+        record = matches[0]
+    if record.get("recipe") is None:
+        raise EvomergeError(f"{run_dir}: trial {record['id']} has no recipe")
+    return Recipe.from_dict(record["recipe"], origin=f"trial {record['id']}"), record
+
+
+def needs_multi(recipe: Recipe) -> bool:
+    return len(recipe.methods()) > 1
+
+
+def to_mergekit_documents(recipe: Recipe, *, prefix: str = "evomerge-part") -> list[dict[str, Any]]:
+    """One document if mergekit can run the recipe as is; else mergekit-multi documents."""
+    if not needs_multi(recipe):
+        data = recipe.to_dict()
+        for s in data.get("slices", []):
+            s.pop("merge_method", None)
+        data["merge_method"] = recipe.methods()[0]
+        return [data]
+    assert recipe.slices is not None
+    top = recipe.to_dict()
+    common = {k: v for k, v in top.items() if k not in ("slices", "merge_method", "name", "out_dtype")}
+    by_method: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+    for i, s in enumerate(top["slices"]):
+        method = s.pop("merge_method", None) or recipe.merge_method
+        by_method.setdefault(method, []).append((i, s))
+
+    documents = []
+    placement: dict[int, tuple[str, int, int]] = {}  # slice index -> (part, start, end) in that part
+    for method, entries in by_method.items():
+        name = f"{prefix}-{method}"
+        offset = 0
+        for i, s in entries:
+            n = _slice_layers(s)
+            placement[i] = (name, offset, offset + n)
+            offset += n
+        documents.append({"name": name, **common, "merge_method": method, "slices": [s for _, s in entries]})
+
+    assembly: dict[str, Any] = {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": part, "layer_range": [start, end]}]}
+            for part, start, end in (placement[i] for i in range(len(top["slices"])))
+        ],
+    }
+    for key in ("out_dtype", "chat_template"):
+        if key in top:
+            assembly[key] = top[key]
+    if "dtype" in top:
+        assembly["dtype"] = top.get("out_dtype", top["dtype"])
+    return [*documents, assembly]
+
+
+def _slice_layers(s: dict[str, Any]) -> int:
+    start, end = s["sources"][0]["layer_range"]
+    return end - start
+
+
+def dump_documents(documents: list[dict[str, Any]]) -> str:
+    from evomerge.recipe import _RecipeDumper
+
+    return yaml.dump_all(documents, Dumper=_RecipeDumper, sort_keys=False)

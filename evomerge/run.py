@@ -1,0 +1,390 @@
+"""The search loop and its run directory.
+
+RUN_DIR/
+  config.yaml      the config as given           trials.jsonl   one line per finished trial
+  space.json       the knobs, in vector order    best.yaml      the best recipe so far (atomic)
+  cma_state.pkl | study.db    optimizer state, saved after every update
+
+Resume (`--resume RUN_DIR`) reads all of it back: finished trials are never re-run, candidates
+that were in flight when the run stopped are evaluated again, and the budget counts every
+finished trial, so a resumed run ends where an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from evomerge.errors import ConfigError
+from evomerge.io.reader import ModelReader
+from evomerge.optimize.base import Candidate, Optimizer
+from evomerge.optimize.registry import load_optimizer, make_optimizer, state_path
+from evomerge.recipe import Recipe
+from evomerge.search_config import SearchConfig, load_search_config, parse_search_config
+from evomerge.space import SearchSpace
+from evomerge.workers import Job, TrialResult, WorkerSetup, make_pool
+
+CONFIG_FILE, TRIALS_FILE, BEST_FILE, SPACE_FILE = "config.yaml", "trials.jsonl", "best.yaml", "space.json"
+
+
+# ---- model references ------------------------------------------------------------------
+
+
+def resolve_model(ref: str) -> str:
+    """`zoo:base` / `zoo:<skill>` name the built-in demo zoo (built on first use); others are paths."""
+    if not ref.startswith("zoo:"):
+        return str(Path(ref).expanduser().resolve())
+    from evomerge.zoo.build import build_zoo
+
+    zoo = build_zoo()
+    name = ref.removeprefix("zoo:")
+    if name == "base":
+        return str(zoo.base)
+    if name not in zoo.specialists:
+        raise ConfigError(f"'{ref}': the zoo has base and {sorted(zoo.specialists)}")
+    return str(zoo.specialists[name])
+
+
+def resolve_recipe_refs(data: Any) -> Any:
+    """A recipe mapping with every `zoo:` model reference replaced by its path."""
+    if isinstance(data, dict):
+        return {
+            k: resolve_model(v) if k in ("model", "base_model", "tokenizer_source") and isinstance(v, str) and v.startswith("zoo:") else resolve_recipe_refs(v)
+            for k, v in data.items()
+        }
+    if isinstance(data, list):
+        return [resolve_recipe_refs(v) for v in data]
+    return data
+
+
+# ---- the run directory -----------------------------------------------------------------
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def recipe_hash(recipe: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class TrialLog:
+    """`trials.jsonl`: append-only, one JSON object per finished trial, flushed to disk at once."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        records = []
+        for line in self.path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line cut short by a crash: everything before it stands
+        return records
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    trials: int
+    failed: int
+    best_id: int | None
+    best_fitness: float | None
+    seconds: float
+    interrupted: bool
+
+
+# ---- building the parts ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SearchSetup:
+    config: SearchConfig
+    models: list[str]
+    base_model: str | None
+    space: SearchSpace
+    worker: WorkerSetup
+
+
+def build_setup(config: SearchConfig, *, device: str | None = None) -> SearchSetup:
+    """Resolve models, read the reference model's layout, build the space. Fails before any heavy work."""
+    models = [resolve_model(m) for m in config.models]
+    base = resolve_model(config.base_model) if config.base_model else None
+    tokenizer = resolve_model(config.tokenizer_source) if config.tokenizer_source and config.tokenizer_source != "base" else None
+    reference = ModelReader(Path(base or models[0]))
+    space = SearchSpace(
+        config.space,
+        models=models,
+        base_model=base,
+        num_layers=reference.num_layers,
+        tensor_names=reference.names,
+        dtype=config.dtype,
+        tokenizer_source=tokenizer,
+    )
+    all_models = tuple(dict.fromkeys([*([base] if base else []), *models]))
+    worker = WorkerSetup(
+        models=all_models,
+        reference_model=tokenizer or base or models[0],
+        tasks=tuple(t.model_dump() for t in config.tasks),
+        dtype=config.dtype,
+        limit=config.limit,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        device=device or config.device,
+    )
+    return SearchSetup(config, models, base, space, worker)
+
+
+def new_run_dir(config_path: Path) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{config_path.stem}-{stamp}"
+
+
+# ---- the loop --------------------------------------------------------------------------
+
+
+def search(
+    config_path: Path | None,
+    *,
+    run_dir: Path | None = None,
+    resume: bool = False,
+    max_evals: int | None = None,
+    workers: int | None = None,
+    ray_address: str | None = None,
+    num_gpus: float = 0.0,
+    device: str | None = None,
+    progress: bool = True,
+    pool_factory: Any = None,
+) -> RunSummary:
+    """Run (or resume) a search; returns when the budget is spent or on Ctrl-C."""
+    if resume:
+        if run_dir is None or not (run_dir / CONFIG_FILE).exists():
+            raise ConfigError(f"--resume: {run_dir} is not a run directory (no {CONFIG_FILE})")
+        raw = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
+        config = parse_search_config(raw, origin=str(run_dir / CONFIG_FILE))
+    else:
+        if config_path is None:
+            raise ConfigError("give a search config (or --resume RUN_DIR)")
+        config, raw = load_search_config(config_path)
+        run_dir = run_dir or new_run_dir(config_path)
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise ConfigError(f"run directory {run_dir} is not empty; use --resume to continue it")
+    if max_evals is not None:
+        config = config.model_copy(update={"budget": config.budget.model_copy(update={"max_evals": max_evals})})
+
+    setup = build_setup(config, device=device)
+    _quiet_libraries()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        atomic_write_text(run_dir / CONFIG_FILE, yaml.safe_dump(raw, sort_keys=False))
+        atomic_write_text(run_dir / SPACE_FILE, json.dumps(setup.space.describe(), indent=1))
+    optimizer = _optimizer(config, setup.space, run_dir, resume=resume)
+    log = TrialLog(run_dir / TRIALS_FILE)
+    done = {r["id"]: r for r in log.read()}
+    retry = _reconcile(optimizer, done)
+    if not resume:
+        for item in config.warm_start:
+            optimizer.enqueue(setup.space.encode(Recipe.from_dict(resolve_recipe_refs(item), origin="warm_start")))
+
+    n_workers = config.workers if workers is None else workers
+    factory = pool_factory or (lambda s, n: make_pool(s, n, address=ray_address, num_gpus=num_gpus))
+    loop = _Loop(config, setup.space, optimizer, log, run_dir, done)
+    pool = factory(setup.worker, n_workers)
+    try:
+        interrupted = loop.run(pool, retry, progress=progress)
+    finally:
+        pool.close()
+    return loop.summary(interrupted)
+
+
+def _quiet_libraries() -> None:
+    import logging
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+
+
+def _optimizer(config: SearchConfig, space: SearchSpace, run_dir: Path, *, resume: bool) -> Optimizer:
+    opt = config.optimizer
+    options = dict(opt.options)
+    if opt.kind == "cma":
+        options.setdefault("sigma0", opt.sigma0)
+        if opt.popsize:
+            options.setdefault("popsize", opt.popsize)
+    if resume and state_path(opt.kind, run_dir).exists():
+        return load_optimizer(opt.kind, space.dim, seed=opt.seed, run_dir=run_dir, **options)
+    return make_optimizer(opt.kind, space.dim, seed=opt.seed, run_dir=run_dir, **options)
+
+
+def _reconcile(optimizer: Optimizer, done: Mapping[int, Mapping[str, Any]]) -> list[Candidate]:
+    """After a crash: tell the optimizer trials that were logged but not told; re-run the rest."""
+    retry = []
+    for cand in optimizer.unfinished():
+        record = done.get(cand.id)
+        if record is None:
+            retry.append(cand)
+        else:
+            optimizer.tell(cand.id, None if record["fitness"] is None else [record["fitness"]])
+    return retry
+
+
+class _Loop:
+    def __init__(self, config: SearchConfig, space: SearchSpace, optimizer: Optimizer, log: TrialLog, run_dir: Path, done: dict[int, dict[str, Any]]):
+        self.config, self.space, self.optimizer, self.log, self.run_dir = config, space, optimizer, log, run_dir
+        self.done = done
+        self.best: dict[str, Any] | None = max(
+            (r for r in done.values() if r["fitness"] is not None), key=lambda r: r["fitness"], default=None
+        )
+        self.points: dict[int, tuple[float, ...]] = {}
+        self.recipes: dict[int, dict[str, Any]] = {}
+        self.session_start = len(done)
+        self.started = time.monotonic()
+        self.previous_seconds = sum(r.get("wall_seconds", 0.0) for r in done.values())
+
+    @property
+    def budget_left(self) -> int:
+        max_evals = self.config.budget.max_evals
+        return (max_evals - len(self.done)) if max_evals is not None else 1 << 30
+
+    def out_of_time(self) -> bool:
+        minutes = self.config.budget.max_minutes
+        return minutes is not None and (time.monotonic() - self.started) / 60 >= minutes
+
+    def run(self, pool: Any, retry: list[Candidate], *, progress: bool) -> bool:
+        queue = list(retry)
+        submitted_at: dict[int, float] = {}
+        with _Display(self, enabled=progress) as display:
+            try:
+                while True:
+                    in_flight = len(pool.in_flight)
+                    room = min(pool.free_slots, self.budget_left - in_flight)
+                    if room > 0 and not self.out_of_time():
+                        fresh = room - len(queue)
+                        if fresh > 0:
+                            queue.extend(self.optimizer.ask(fresh))
+                        while queue and pool.free_slots:
+                            cand = queue.pop(0)
+                            recipe = self.space.decode(cand.x).to_dict()
+                            self.points[cand.id] = cand.x
+                            self.recipes[cand.id] = recipe
+                            submitted_at[cand.id] = time.monotonic()
+                            pool.submit(Job(cand.id, recipe))
+                    if not pool.in_flight:
+                        break
+                    for result in pool.poll(timeout=1.0):
+                        wall = time.monotonic() - submitted_at.pop(result.candidate_id, time.monotonic())
+                        self.finish(result, wall)
+                        display.update()
+            except KeyboardInterrupt:
+                return True
+        return False
+
+    def finish(self, result: TrialResult, wall: float) -> None:
+        x = self.points.pop(result.candidate_id, None)
+        recipe = self.recipes.pop(result.candidate_id, None)
+        record = {
+            "id": result.candidate_id,
+            "status": result.status,
+            "fitness": result.fitness,
+            "metrics": result.metrics,
+            "error": result.error,
+            "x": list(x) if x is not None else None,
+            "recipe_hash": recipe_hash(recipe) if recipe else None,
+            "recipe": recipe,
+            "merge_seconds": round(result.merge_seconds, 4),
+            "score_seconds": round(result.score_seconds, 4),
+            "wall_seconds": round(wall, 4),
+            "worker": result.worker,
+            "finished_at": time.time(),
+        }
+        self.log.append(record)  # logged first: a crash before the tell is reconciled on resume
+        self.done[result.candidate_id] = record
+        self.optimizer.tell(result.candidate_id, None if result.fitness is None else [result.fitness])
+        if result.fitness is not None and (self.best is None or result.fitness > self.best["fitness"]):
+            self.best = record
+            atomic_write_text(self.run_dir / BEST_FILE, Recipe.from_dict(recipe).to_yaml())
+
+    def summary(self, interrupted: bool) -> RunSummary:
+        failed = sum(1 for r in self.done.values() if r["status"] != "ok")
+        return RunSummary(
+            self.run_dir, len(self.done), failed,
+            self.best["id"] if self.best else None, self.best["fitness"] if self.best else None,
+            time.monotonic() - self.started, interrupted,
+        )
+
+
+class _Display:
+    """A live line: trials done, best so far, evaluations per minute."""
+
+    def __init__(self, loop: _Loop, *, enabled: bool):
+        self.loop, self.enabled = loop, enabled
+
+    def __enter__(self) -> _Display:
+        if self.enabled:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            self.progress = Progress(
+                TextColumn("[bold]search"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TextColumn("{task.fields[status]}"),
+            )
+            self.progress.start()
+            total = self.loop.config.budget.max_evals
+            self.task = self.progress.add_task("search", total=total, completed=len(self.loop.done), status="")
+        return self
+
+    def update(self) -> None:
+        if not self.enabled:
+            return
+        loop = self.loop
+        minutes = max((time.monotonic() - loop.started) / 60, 1e-9)
+        best = f"{loop.best['fitness']:.4f} (#{loop.best['id']})" if loop.best else "-"
+        rate = (len(loop.done) - loop.session_start) / minutes
+        self.progress.update(self.task, completed=len(loop.done), status=f"best {best}  {rate:.1f} evals/min")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.progress.stop()
+
+
+def read_trials(run_dir: Path) -> list[dict[str, Any]]:
+    return TrialLog(Path(run_dir) / TRIALS_FILE).read()
+
+
+def iter_ok(trials: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    return (t for t in trials if t["status"] == "ok" and t["fitness"] is not None)
+
+
+__all__ = ["RunSummary", "TrialLog", "asdict", "build_setup", "read_trials", "resolve_model", "search"]

@@ -1,0 +1,121 @@
+"""The search config (`evomerge search CONFIG.yaml`): a typed schema with every default in one place."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from evomerge.errors import ConfigError
+
+OPTIMIZERS = ("cma", "optuna-tpe", "optuna-cmaes", "optuna-gp", "optuna-nsga2", "random")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class KnobBounds(_Strict):
+    """Override of a knob's search range (defaults come from the method registry)."""
+
+    low: float | None = None
+    high: float | None = None
+    log: bool | None = None
+
+
+class SpaceConfig(_Strict):
+    """Which knobs exist: per layer group, per model, per filter."""
+
+    methods: list[str] = Field(min_length=1)
+    layer_granularity: int | None = Field(default=None, ge=1)  # layers per group
+    gradient_anchors: int | None = Field(default=None, ge=1)  # or: smooth gradients with K anchors
+    knobs: dict[str, KnobBounds | None] = Field(min_length=1)  # searched parameters
+    filters: list[str] = []  # separate knobs for tensors whose name contains each, plus one for the rest
+    fixed: dict[str, Any] = {}  # fixed global parameter values
+
+    @model_validator(mode="after")
+    def _one_layout(self) -> SpaceConfig:
+        if self.layer_granularity is not None and self.gradient_anchors is not None:
+            raise ValueError("give layer_granularity or gradient_anchors, not both")
+        if self.gradient_anchors is not None and len(self.methods) > 1:
+            raise ValueError("a choice of methods needs layer groups (layer_granularity), not gradient_anchors")
+        return self
+
+
+class TaskEntry(_Strict):
+    name: str
+    metric: str = "acc"
+    weight: float = 1.0
+    higher_is_better: bool | None = None
+
+
+class OptimizerConfig(_Strict):
+    kind: Literal["cma", "optuna-tpe", "optuna-cmaes", "optuna-gp", "optuna-nsga2", "random"] = "cma"
+    seed: int = 0
+    popsize: int | None = Field(default=None, ge=2)
+    sigma0: float = Field(default=0.25, gt=0)
+    options: dict[str, Any] = {}
+
+
+class BudgetConfig(_Strict):
+    max_evals: int | None = Field(default=64, ge=1)
+    max_minutes: float | None = Field(default=None, gt=0)
+
+
+class SearchConfig(_Strict):
+    models: list[str] = Field(min_length=1)
+    base_model: str | None = None
+    tokenizer_source: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    space: SpaceConfig
+    tasks: list[TaskEntry] = Field(min_length=1)
+    test_tasks: list[TaskEntry] = []
+    limit: int | None = Field(default=None, ge=1)  # dev samples per task (None: all)
+    optimizer: OptimizerConfig = OptimizerConfig()
+    warm_start: list[dict[str, Any]] = []  # recipes (mergekit YAML mappings) to evaluate first
+    baselines: dict[str, dict[str, Any]] = {}  # named hand-set recipes the report compares against
+    budget: BudgetConfig = BudgetConfig()
+    workers: int = Field(default=2, ge=0)
+    seed: int = 0  # seed for stochastic merge methods
+    device: str | None = None
+    batch_size: int = Field(default=64, ge=1)
+
+    @field_validator("tasks", "test_tasks", mode="before")
+    @classmethod
+    def _task_strings(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            return [_task_item(item) for item in v]
+        return v
+
+
+def _task_item(item: Any) -> Any:
+    if isinstance(item, str):
+        name, _, metric = item.partition(":")
+        return {"name": name, **({"metric": metric} if metric else {})}
+    return item
+
+
+def load_search_config(path: str | Path) -> tuple[SearchConfig, dict[str, Any]]:
+    """The validated config and the raw mapping it came from (written into the run directory)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"search config not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: malformed YAML: {' '.join(str(e).split())}") from None
+    return parse_search_config(raw, origin=str(path)), raw
+
+
+def parse_search_config(raw: Any, *, origin: str = "<config>") -> SearchConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: a search config must be a YAML mapping")
+    try:
+        return SearchConfig.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"{origin}: {loc}: {msg}") from None
