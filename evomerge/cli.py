@@ -152,13 +152,17 @@ def eval_(
     json_out: Annotated[Path | None, typer.Option("--json", help="write the metrics here")] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda")] = None,
     batch_size: Annotated[int, typer.Option(help="lm-eval batch size")] = 64,
+    include_path: Annotated[list[Path] | None, typer.Option("--include-path", help="a folder of your own task YAMLs (repeatable)")] = None,
 ) -> None:
     """Score a model with lm-eval on evomerge's tasks (or any lm-eval task)."""
     import json
 
     from evomerge.evaluate import print_scores, score_model_dir
 
-    score = score_model_dir(model, [t for t in tasks.split(",") if t], limit=limit, device=_device(device), batch_size=batch_size)
+    score = score_model_dir(
+        model, [t for t in tasks.split(",") if t], limit=limit, device=_device(device), batch_size=batch_size,
+        include_paths=include_path or (),
+    )
     print_scores({str(model): score})
     if json_out is not None:
         json_out.write_text(json.dumps({"fitness": score.fitness, "metrics": score.metrics}, indent=1))

@@ -151,6 +151,7 @@ def build_setup(config: SearchConfig, *, device: str | None = None) -> SearchSet
         models=all_models,
         reference_model=tokenizer or base or models[0],
         tasks=tuple(t.model_dump() for t in config.tasks),
+        include_paths=tuple(str(Path(p).expanduser().resolve()) for p in config.task_paths),
         dtype=config.dtype,
         limit=config.limit,
         batch_size=config.batch_size,

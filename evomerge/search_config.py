@@ -72,6 +72,7 @@ class SearchConfig(_Strict):
     space: SpaceConfig
     tasks: list[TaskEntry] = Field(min_length=1)
     test_tasks: list[TaskEntry] = []
+    task_paths: list[str] = []  # folders of the user's own lm-eval task YAMLs (besides tasks/)
     limit: int | None = Field(default=None, ge=1)  # dev samples per task (None: all)
     optimizer: OptimizerConfig = OptimizerConfig()
     warm_start: list[dict[str, Any]] = []  # recipes (mergekit YAML mappings) to evaluate first

@@ -147,3 +147,18 @@ def test_search_config_errors_name_the_field():
         parse_search_config({**base, "typo": 1})
     with pytest.raises(ConfigError, match="not both"):
         parse_search_config({**base, "space": {"methods": ["linear"], "knobs": {"weight": None}, "layer_granularity": 1, "gradient_anchors": 2}})
+
+
+@pytest.mark.parametrize("path", sorted(__import__("pathlib").Path(__file__).parents[1].joinpath("search_spaces").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_search_spaces_are_valid(path):
+    import yaml
+
+    config = parse_search_config(yaml.safe_load(path.read_text()), origin=str(path))
+    s = SearchSpace(config.space, models=config.models, base_model=config.base_model, num_layers=4, tensor_names=NAMES)
+    assert s.dim > 0
+    recipe = s.decode([0.5] * s.dim)
+    for item in config.warm_start:
+        assert len(s.encode(Recipe.from_dict(item))) == s.dim
+    assert Recipe.from_yaml(recipe.to_yaml()) == recipe
+    for name, baseline in config.baselines.items():
+        Recipe.from_dict(baseline, origin=name)

@@ -1,0 +1,1 @@
+"""Merge kernels (plain torch functions) and the method registry, the interface the rest uses."""

@@ -169,7 +169,8 @@ def multislerp(
         return out if base is None else out + base
     mean = mean / mean_norm
 
-    # Log map at `mean`, weighted sum in the tangent space, exp map back.
+    # Log map at `mean`, weighted sum in the tangent space, exp map back. (At the weighted mean
+    # direction that sum is ~0 by construction, so this returns ~`mean`; kept as mergekit has it.)
     tangents = units - (units * mean).sum(dim=-1, keepdim=True) * mean
     tangent = (tangents * weights[:, None]).sum(dim=0)
     tangent_norm = torch.norm(tangent) + eps

@@ -83,12 +83,10 @@ class MethodSpec:
     min_models: int  # count of non-base input models
     max_models: int | None
     stochastic: bool
-    embed_shape: Literal[
-        "base", "common"
-    ]  # vocab mismatch: cut to the base's rows, or to the common rows
-    uses_base_as_model: (
-        bool  # slerp/nearswap/arcee_fusion: the base is the t=0 endpoint, plus 1 model
-    )
+    # Vocabulary-size mismatch: cut every model to the base's rows, or to the rows all share.
+    embed_shape: Literal["base", "common"]
+    # slerp/nearswap/arcee_fusion: the base is one endpoint (t=0) and there is exactly 1 model.
+    uses_base_as_model: bool
     run: Runner = field(repr=False, compare=False)
     constraint: Constraint | None = field(default=None, repr=False, compare=False)
     reference: str = ""
@@ -132,9 +130,14 @@ class MethodSpec:
             raise RecipeError(f"merge_method '{self.name}' needs a base tensor")
         n = len(models)
         if n < self.min_models or (self.max_models is not None and n > self.max_models):
-            expected = f"{self.min_models}..{'' if self.max_models is None else self.max_models}"
+            if self.max_models == self.min_models:
+                expected = f"exactly {self.min_models}"
+            elif self.max_models is None:
+                expected = f"at least {self.min_models}"
+            else:
+                expected = f"{self.min_models} to {self.max_models}"
             raise RecipeError(
-                f"merge_method '{self.name}' takes {expected} models besides the base, got {n}"
+                f"merge_method '{self.name}' takes {expected} model(s) besides the base, got {n}"
             )
         mp = self._filled_model_params(model_params, n)
         gp = self._filled_global_params(global_params)

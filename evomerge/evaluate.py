@@ -1,0 +1,528 @@
+"""Score a model with lm-eval: every task metric, and one fitness (their weighted mean).
+
+The search scores thousands of candidates that differ only in their weights, so a `Scorer`
+does every weight-independent step once: it indexes the task YAMLs, loads the datasets, builds
+lm-eval's request `Instance`s (prompts, few-shot contexts, choices) and wraps the live model in
+`HFLM`. Each `score` call then clears the instances' responses, runs them through the model,
+and turns the responses into metrics with the task's own `apply_filters`, `process_results`
+and `aggregation` -- the steps `lm_eval.evaluator.evaluate` takes, minus the rebuilding. No
+response is ever cached across calls (no `CachingLM`, no request cache), so new weights always
+get new answers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import functools
+import io
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from evomerge.errors import ScoringError
+
+if TYPE_CHECKING:
+    import torch
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.model import LM
+    from lm_eval.api.task import Task
+    from lm_eval.tasks import TaskManager
+    from rich.console import Console
+
+# simple_evaluate's default few-shot seed, so few-shot contexts match a plain lm-eval run.
+FEWSHOT_SEED = 1234
+NO_FILTER = "none"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+_SPEC_KEYS = frozenset({"name", "metric", "weight", "higher_is_better"})
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One term of the fitness: a task, which of its metrics, and how much it counts."""
+
+    name: str
+    metric: str = "acc"
+    weight: float = 1.0
+    higher_is_better: bool | None = None  # None: the task's metric config decides
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ScoringError("task spec has an empty task name")
+        if not math.isfinite(self.weight) or self.weight <= 0:
+            raise ScoringError(
+                f"task {self.name}: weight must be a positive number, got {self.weight}"
+            )
+
+    @classmethod
+    def parse(cls, item: str | Mapping[str, Any] | TaskSpec) -> TaskSpec:
+        """`"task"`, `"task:metric"` or `{"name": ..., "metric": ..., "weight": ..., "higher_is_better": ...}`."""
+        if isinstance(item, TaskSpec):
+            return item
+        if isinstance(item, str):
+            name, _, metric = item.strip().partition(":")
+            return cls(name.strip(), metric.strip() or "acc")
+        if isinstance(item, Mapping):
+            unknown = sorted(set(item) - _SPEC_KEYS)
+            if unknown:
+                raise ScoringError(
+                    f"task spec {dict(item)}: unknown key {unknown[0]!r} (known: {', '.join(sorted(_SPEC_KEYS))})"
+                )
+            if "name" not in item:
+                raise ScoringError(f"task spec {dict(item)}: missing 'name'")
+            try:
+                weight = float(item.get("weight", 1.0))
+            except (TypeError, ValueError):
+                raise ScoringError(
+                    f"task {item['name']}: weight {item['weight']!r} is not a number"
+                ) from None
+            higher = item.get("higher_is_better")
+            if higher is not None and not isinstance(higher, bool):
+                raise ScoringError(f"task {item['name']}: higher_is_better must be true or false")
+            return cls(str(item["name"]), str(item.get("metric", "acc")), weight, higher)
+        raise ScoringError(f"task spec must be a name or a mapping, got {type(item).__name__}")
+
+
+@dataclass(frozen=True)
+class Score:
+    fitness: float  # weighted mean of the specs' metrics, lower-is-better ones negated
+    metrics: dict[str, dict[str, float]]  # task -> every numeric metric lm-eval reported
+    seconds: float
+
+
+def default_tasks_dir() -> Path:
+    """The repository's `tasks/` folder (the demo zoo's task YAMLs and data)."""
+    import evomerge
+
+    return Path(evomerge.__file__).resolve().parents[1] / "tasks"
+
+
+def metric_key(metric: str, filter_name: str) -> str:
+    """How a metric is named here: `acc` for the unfiltered responses, `exact_match/strict-match` else.
+
+    lm-eval writes `exact_match,strict-match`; a slash keeps the name usable in comma-separated
+    CLI lists.
+    """
+    return metric if filter_name == NO_FILTER else f"{metric}/{filter_name}"
+
+
+@dataclass
+class _PreparedTask:
+    """A task whose requests are built once; `groups[i]` are the instances of `docs[i]`."""
+
+    name: str
+    task: Task
+    docs: list[Any]
+    groups: list[list[Instance]]
+    metric_keys: dict[str, tuple[str, str]]  # our metric key -> (lm-eval metric, filter name)
+
+
+class Scorer:
+    """Scores models on fixed tasks; build once per worker, call `score` per candidate."""
+
+    def __init__(
+        self,
+        tasks: Sequence[TaskSpec | str | Mapping[str, Any]],
+        *,
+        include_paths: Sequence[str | Path] = (),
+        limit: int | float | None = None,
+        samples: Mapping[str, Sequence[int]] | None = None,
+        batch_size: int = 64,
+        device: str = "cpu",
+        backend: Literal["hf", "vllm"] = "hf",
+        max_length: int | None = None,
+        include_defaults: bool | None = None,
+        engine_args: Mapping[str, Any] | None = None,
+    ) -> None:
+        """`include_defaults`: also index lm-eval's own tasks (None: only when a name is not local).
+
+        `engine_args` go to `vllm.LLM` (e.g. `gpu_memory_utilization`); the vllm backend only.
+        """
+        self.specs = [TaskSpec.parse(t) for t in tasks]
+        if not self.specs:
+            raise ScoringError("no tasks to score on")
+        seen = set()
+        for spec in self.specs:
+            if (spec.name, spec.metric) in seen:
+                raise ScoringError(f"task {spec.name}: metric {spec.metric} is listed twice")
+            seen.add((spec.name, spec.metric))
+        if limit is not None and samples is not None:
+            raise ScoringError("give either limit or samples, not both")
+        if limit is not None and not limit > 0:
+            raise ScoringError(f"limit must be positive, got {limit}")
+        if backend not in ("hf", "vllm"):
+            raise ScoringError(f"unknown scoring backend {backend!r} (known: hf, vllm)")
+        self.backend = backend
+        self.batch_size = batch_size
+        self.device = device
+        self.max_length = max_length
+        self.engine_args = dict(engine_args or {})
+        self._hf_lm: LM | None = None
+        self._hf_lm_owner: tuple[Any, Any] | None = None  # the (model, tokenizer) it wraps
+        self._vllm: Any = None
+
+        names = list(dict.fromkeys(spec.name for spec in self.specs))
+        if samples is not None:
+            strays = sorted(set(samples) - set(names))
+            if strays:
+                raise ScoringError(
+                    f"samples name task {strays[0]!r}, which is not among the tasks scored"
+                )
+        with _quiet():
+            self.task_manager = _task_manager(names, include_paths, include_defaults)
+            self.tasks = {name: self._prepare(name, limit, samples) for name in names}
+        self.terms = [self._term(spec) for spec in self.specs]
+
+    # -- set-up (once) -------------------------------------------------------------------
+
+    def _prepare(
+        self, name: str, limit: int | float | None, samples: Mapping[str, Sequence[int]] | None
+    ) -> _PreparedTask:
+        from lm_eval.evaluator_utils import get_sample_size
+
+        try:
+            task = self.task_manager.load([name])["tasks"][name]
+        except Exception as e:  # a missing data file, a bad YAML, a failing !function...
+            raise ScoringError(f"task {name} cannot be loaded: {type(e).__name__}: {e}") from e
+        if task.get_config("num_fewshot") is None:
+            task.set_config(key="num_fewshot", value=0)
+        task.set_fewshot_seed(seed=FEWSHOT_SEED)
+
+        indices = list(samples[name]) if samples is not None and name in samples else None
+        n_docs = len(task.eval_docs)
+        if indices is not None:
+            bad = [i for i in indices if not 0 <= int(i) < n_docs]
+            if bad or not indices:
+                raise ScoringError(
+                    f"task {name}: sample index {bad[0] if bad else '(none)'} is outside 0..{n_docs - 1}"
+                )
+            indices = sorted({int(i) for i in indices})
+        task_limit = get_sample_size(task, limit)
+        task.build_all_requests(
+            limit=task_limit, samples=indices, rank=0, world_size=1, cache_requests=False
+        )
+        docs = list(task.doc_iterator(rank=0, limit=task_limit, world_size=1, samples=indices))
+        by_doc: dict[int, list[Instance]] = defaultdict(list)
+        for instance in task.instances:
+            by_doc[instance.doc_id].append(instance)
+        groups = [sorted(by_doc[doc_id], key=lambda inst: inst.idx) for doc_id, _ in docs]
+
+        filters = [f["name"] for f in task.config.filter_list or []] or [NO_FILTER]
+        metric_keys = {metric_key(m, f): (m, f) for m in task.higher_is_better() for f in filters}
+        return _PreparedTask(name, task, [doc for _, doc in docs], groups, metric_keys)
+
+    def _term(self, spec: TaskSpec) -> tuple[TaskSpec, str, float]:
+        """(spec, the metric key it names, +1 if higher is better else -1); validates the metric."""
+        prepared = self.tasks[spec.name]
+        key = _resolve_metric(spec, prepared)
+        higher = spec.higher_is_better
+        if higher is None:
+            higher = prepared.task.higher_is_better().get(prepared.metric_keys[key][0])
+        if higher is None:
+            raise ScoringError(
+                f"task {spec.name}: metric {spec.metric} does not say whether higher is better; set higher_is_better"
+            )
+        return spec, key, 1.0 if higher else -1.0
+
+    # -- scoring (per candidate) ---------------------------------------------------------
+
+    def score(self, model: torch.nn.Module | str | Path, tokenizer: Any = None) -> Score:
+        """Score a model directory, or a live `PreTrainedModel` (with its tokenizer).
+
+        A live model is scored on the device it is on, and one passed again is scored through
+        the same lm-eval wrapper: the caller may change its weights in place between calls.
+        A directory is loaded onto `device` (float32 on CPUs) for this one call.
+        """
+        start = time.perf_counter()
+        with _quiet():
+            lm = self._lm(model, tokenizer)
+            metrics = self._run(lm)
+        fitness = self.fitness(metrics)
+        return Score(fitness, metrics, time.perf_counter() - start)
+
+    def fitness(self, metrics: Mapping[str, Mapping[str, float]]) -> float:
+        """Weighted mean of the specs' metrics; lower-is-better metrics count negated."""
+        value = 0.0
+        for spec, key, sign in self.terms:
+            if key not in metrics.get(spec.name, {}):
+                raise ScoringError(f"task {spec.name} produced no {key} metric")
+            value += spec.weight * sign * metrics[spec.name][key]
+        return value / sum(spec.weight for spec in self.specs)
+
+    def _lm(self, model: Any, tokenizer: Any) -> LM:
+        if self.backend == "vllm":
+            return self._vllm_lm(model)
+        if isinstance(model, (str, Path)):
+            loaded, loaded_tokenizer = load_model_dir(
+                model, device=self.device, tokenizer=tokenizer
+            )
+            return self._hflm(loaded, loaded_tokenizer)
+        from transformers import PreTrainedModel
+
+        if not isinstance(model, PreTrainedModel):
+            raise ScoringError(
+                f"cannot score a {type(model).__name__}: pass a transformers PreTrainedModel or a model directory"
+            )
+        if tokenizer is None:
+            raise ScoringError("scoring an in-memory model needs its tokenizer")
+        owner = self._hf_lm_owner
+        if (
+            self._hf_lm is None
+            or owner is None
+            or owner[0] is not model
+            or owner[1] is not tokenizer
+        ):
+            self._hf_lm, self._hf_lm_owner = None, None  # let the previous model go first
+            self._hf_lm, self._hf_lm_owner = self._hflm(model, tokenizer), (model, tokenizer)
+        if model.training:
+            model.eval()
+        return self._hf_lm
+
+    def _hflm(self, model: Any, tokenizer: Any) -> LM:
+        return _hflm_class()(
+            pretrained=model,
+            tokenizer=tokenizer,
+            batch_size=self.batch_size,
+            max_length=self.max_length,
+        )
+
+    def _vllm_lm(self, model: Any) -> LM:
+        from evomerge.vllm_backend import VLLMEngine, reference_dir
+
+        if self._vllm is None:
+            self._vllm = VLLMEngine(
+                reference_dir(model), max_length=self.max_length, engine_args=self.engine_args
+            )
+        self._vllm.load(model)
+        return self._vllm.lm
+
+    def _run(self, lm: LM) -> dict[str, dict[str, float]]:
+        """Run every task's requests through `lm`, then let each task turn responses into metrics."""
+        by_type: dict[str, list[Instance]] = defaultdict(list)
+        for prepared in self.tasks.values():
+            for instance in prepared.task.instances:
+                instance.resps.clear()
+                instance.filtered_resps.clear()
+                by_type[instance.request_type].append(instance)
+        for request_type, instances in by_type.items():
+            cloned = [inst for inst in instances for _ in range(inst.repeats)]
+            responses = getattr(lm, request_type)(cloned, disable_tqdm=True)
+            for response, inst in zip(responses, cloned, strict=True):
+                inst.resps.append(response)
+        return {name: _task_metrics(prepared) for name, prepared in self.tasks.items()}
+
+    def close(self) -> None:
+        """Drop the model wrapper and any vLLM engine (the task objects stay usable)."""
+        self._hf_lm, self._hf_lm_owner = None, None
+        if self._vllm is not None:
+            self._vllm.close()
+            self._vllm = None
+
+    def __enter__(self) -> Scorer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+@functools.cache
+def _hflm_class() -> type:
+    """lm-eval's HFLM, tokenizing each distinct string once (the prompts are the same every call)."""
+    from lm_eval.models.huggingface import HFLM
+
+    class TokenMemoHFLM(HFLM):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self._token_memo: dict[tuple[str, bool | None, int | None], tuple[int, ...]] = {}
+            super().__init__(*args, **kwargs)
+
+        def tok_encode(
+            self,
+            string: str,
+            add_special_tokens: bool | None = None,
+            left_truncate_len: int | None = None,
+            **kwargs: Any,
+        ) -> list[int]:
+            if kwargs:
+                return super().tok_encode(string, add_special_tokens, left_truncate_len, **kwargs)
+            key = (string, add_special_tokens, left_truncate_len)
+            if key not in self._token_memo:
+                self._token_memo[key] = tuple(
+                    super().tok_encode(string, add_special_tokens, left_truncate_len)
+                )
+            return list(self._token_memo[key])
+
+    return TokenMemoHFLM
+
+
+def _task_metrics(prepared: _PreparedTask) -> dict[str, float]:
+    """lm-eval's per-task post-processing: filters, per-document results, aggregation."""
+    from lm_eval.api.metrics import mean
+
+    task = prepared.task
+    task.apply_filters()
+    raw: dict[tuple[str, str], list[Any]] = defaultdict(list)
+    for filter_name in task.instances[0].filtered_resps:
+        for doc, group in zip(prepared.docs, prepared.groups, strict=True):
+            results = task.process_results(
+                doc, [inst.filtered_resps[filter_name] for inst in group]
+            )
+            for metric, value in results.items():
+                raw[(metric, filter_name)].append(value)
+    aggregations = task.aggregation()
+    metrics = {}
+    for (metric, filter_name), values in raw.items():
+        value = aggregations.get(metric, mean)(values)
+        with contextlib.suppress(TypeError, ValueError):
+            metrics[metric_key(metric, filter_name)] = float(value)
+    return metrics
+
+
+def _resolve_metric(spec: TaskSpec, prepared: _PreparedTask) -> str:
+    """The metric key a spec means: exact, with `,` for `/`, or a bare name when one filter has it."""
+    wanted = spec.metric.replace(",", "/")
+    if wanted.endswith(f"/{NO_FILTER}"):
+        wanted = wanted[: -len(NO_FILTER) - 1]
+    if wanted in prepared.metric_keys:
+        return wanted
+    matches = [key for key, (metric, _) in prepared.metric_keys.items() if metric == wanted]
+    if len(matches) == 1:
+        return matches[0]
+    known = ", ".join(sorted(prepared.metric_keys)) or "none"
+    if matches:
+        raise ScoringError(
+            f"task {spec.name}: metric {spec.metric} is ambiguous; name a filter ({known})"
+        )
+    raise ScoringError(
+        f"task {spec.name} does not report metric {spec.metric} (it reports: {known})"
+    )
+
+
+def _task_manager(
+    names: Sequence[str], include_paths: Sequence[str | Path], include_defaults: bool | None
+) -> TaskManager:
+    """One index of task YAMLs: the repo's tasks/ and the user's paths; lm-eval's own only if needed."""
+    from lm_eval.tasks import TaskManager
+
+    paths = [default_tasks_dir(), *(Path(p).expanduser() for p in include_paths)]
+    for path in paths[1:]:
+        if not path.is_dir():
+            raise ScoringError(f"task include path is not a directory: {path}")
+    local_paths = [str(p) for p in paths if p.is_dir()]
+    manager = TaskManager(include_path=local_paths, include_defaults=bool(include_defaults))
+    if include_defaults is None and any(name not in manager.all_tasks for name in names):
+        manager = TaskManager(include_path=local_paths, include_defaults=True)
+    for name in names:
+        if name in manager.all_subtasks:
+            continue
+        if name in manager.all_tasks:
+            raise ScoringError(f"{name} is a task group or tag; list its tasks one by one")
+        close = difflib.get_close_matches(name, manager.all_subtasks, n=5, cutoff=0.6)
+        hint = (
+            f"; close names: {', '.join(close)}"
+            if close
+            else f"; searched {', '.join(local_paths) or 'no local task folder'}"
+        )
+        raise ScoringError(f"unknown task {name!r}{hint}")
+    return manager
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence lm-eval's and datasets' chatter (logs, progress bars) while scoring."""
+    import datasets
+
+    loggers = [logging.getLogger(name) for name in ("lm_eval", "transformers", "datasets")]
+    levels = [logger.level for logger in loggers]
+    bars_were_disabled = datasets.are_progress_bars_disabled()
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    datasets.disable_progress_bars()
+    try:
+        # lm-eval's request building draws tqdm bars it has no switch for.
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+        if not bars_were_disabled:
+            datasets.enable_progress_bars()
+
+
+def load_model_dir(
+    path: str | Path, *, device: str = "cpu", tokenizer: Any = None
+) -> tuple[Any, Any]:
+    """A model directory as (model, tokenizer); a directory without a tokenizer is an error."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path).expanduser()
+    if not (path / "config.json").is_file():
+        raise ScoringError(f"not a model directory (no config.json): {path}")
+    if tokenizer is None:
+        if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+            raise ScoringError(f"model directory has no tokenizer: {path}")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        except Exception as e:
+            raise ScoringError(f"cannot load the tokenizer in {path}: {e}") from e
+    # Half precision is slow or unsupported on CPUs; there the weights are scored in float32.
+    dtype = torch.float32 if torch.device(device).type == "cpu" else "auto"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
+    except Exception as e:
+        raise ScoringError(f"cannot load the model in {path}: {e}") from e
+    return model.to(device).eval(), tokenizer
+
+
+def score_model_dir(
+    path: str | Path,
+    tasks: Sequence[TaskSpec | str | Mapping[str, Any]],
+    *,
+    limit: int | float | None = None,
+    device: str = "cpu",
+    batch_size: int = 64,
+    include_paths: Sequence[str | Path] = (),
+) -> Score:
+    """`evomerge eval`: score one model directory on the given tasks."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise ScoringError(f"model directory not found: {path}")
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise ScoringError(f"model directory has no tokenizer: {path}")
+    with Scorer(
+        tasks, include_paths=include_paths, limit=limit, device=device, batch_size=batch_size
+    ) as scorer:
+        return scorer.score(path)
+
+
+def print_scores(scores: Mapping[str, Score], console: Console | None = None) -> None:
+    """A table: one row per model, one column per task metric, then the fitness."""
+    from rich.console import Console
+    from rich.table import Table
+
+    columns = list(
+        dict.fromkeys(
+            (task, metric)
+            for score in scores.values()
+            for task, metrics in score.metrics.items()
+            for metric in metrics
+        )
+    )
+    table = Table(show_lines=False)
+    table.add_column("model", overflow="fold")
+    for task, metric in columns:
+        table.add_column(f"{task}\n{metric}", justify="right")
+    table.add_column("fitness", justify="right", style="bold")
+    for name, score in scores.items():
+        cells = [_cell(score.metrics.get(task, {}).get(metric)) for task, metric in columns]
+        table.add_row(name, *cells, _cell(score.fitness))
+    (console or Console()).print(table)
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
