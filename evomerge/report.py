@@ -79,7 +79,7 @@ def knob_heatmap(space: list[dict[str, Any]], x: list[float], path: Path) -> Non
     for r, cells in enumerate(rows.values()):
         for g, (u, _) in cells.items():
             grid[r, g] = u
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * groups, 0.9 + 0.4 * len(rows)))
+    fig, ax = plt.subplots(figsize=(max(6.0, 2.5 + 0.9 * groups), 1.2 + 0.4 * len(rows)))
     im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1)
     for r, cells in enumerate(rows.values()):
         for g, (u, value) in cells.items():
@@ -87,7 +87,7 @@ def knob_heatmap(space: list[dict[str, Any]], x: list[float], path: Path) -> Non
     ax.set_yticks(range(len(rows)), list(rows))
     ax.set_xticks(range(groups), [f"g{g}" for g in range(groups)])
     ax.set_xlabel("layer group")
-    ax.set_title("best recipe's knobs (colour: position in search range)")
+    ax.set_title("best recipe's knobs\n(colour: position in the search range)", fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.03)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

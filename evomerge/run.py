@@ -157,6 +157,7 @@ def build_setup(config: SearchConfig, *, device: str | None = None) -> SearchSet
         batch_size=config.batch_size,
         seed=config.seed,
         device=device or config.device,
+        backend=config.backend,
     )
     return SearchSetup(config, models, base, space, worker)
 

@@ -81,6 +81,7 @@ class SearchConfig(_Strict):
     workers: int = Field(default=2, ge=0)
     seed: int = 0  # seed for stochastic merge methods
     device: str | None = None
+    backend: Literal["hf", "vllm"] = "hf"  # lm-eval model backend; vllm needs a GPU and the [vllm] extra
     batch_size: int = Field(default=64, ge=1)
 
     @field_validator("tasks", "test_tasks", mode="before")

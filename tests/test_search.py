@@ -228,3 +228,24 @@ def test_bad_search_config_exits_2(tmp_path):
     result = runner.invoke(app, ["search", str(path), "--out", str(tmp_path / "run")])
     assert result.exit_code == 2 and "optimzer: unknown field" in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_search_scores_the_users_own_tasks_from_task_paths(quick_zoo, tmp_path):
+    """`task_paths` adds a folder of lm-eval YAMLs; its tasks score like the built-in ones."""
+    from pathlib import Path
+
+    data = Path(__file__).parents[1] / "tasks" / "zoo" / "data" / "addition_dev.jsonl"
+    folder = tmp_path / "my_tasks"
+    folder.mkdir()
+    (folder / "my_add.yaml").write_text(
+        "task: my_add\ndataset_path: json\n"
+        f"dataset_kwargs: {{data_files: {{test: '{data}'}}}}\ntest_split: test\n"
+        "output_type: multiple_choice\ndoc_to_text: prompt\ndoc_to_choice: choices\n"
+        "doc_to_target: label\ntarget_delimiter: ''\n"
+        "metric_list: [{metric: acc, aggregation: mean, higher_is_better: true}]\n"
+    )
+    config = write_config(tmp_path, quick_zoo, tasks=["my_add"], task_paths=[str(folder)], budget={"max_evals": 2})
+    summary = search(config, run_dir=tmp_path / "run", progress=False)
+    trials = read_trials(summary.run_dir)
+    assert summary.failed == 0 and all(set(t["metrics"]) == {"my_add"} for t in trials)
+    assert trials[0]["fitness"] == trials[0]["metrics"]["my_add"]["acc"]

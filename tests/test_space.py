@@ -147,6 +147,9 @@ def test_search_config_errors_name_the_field():
         parse_search_config({**base, "typo": 1})
     with pytest.raises(ConfigError, match="not both"):
         parse_search_config({**base, "space": {"methods": ["linear"], "knobs": {"weight": None}, "layer_granularity": 1, "gradient_anchors": 2}})
+    assert parse_search_config({**base, "backend": "vllm"}).backend == "vllm"
+    with pytest.raises(ConfigError, match="backend"):
+        parse_search_config({**base, "backend": "tensorrt"})
 
 
 @pytest.mark.parametrize("path", sorted(__import__("pathlib").Path(__file__).parents[1].joinpath("search_spaces").glob("*.yaml")), ids=lambda p: p.name)

@@ -67,6 +67,9 @@ class ZooDesign:
     pretrain: TrainConfig
     finetune: TrainConfig
     finetune_replay: float  # share of generic pre-training data mixed into each fine-tune
+    # Skills are not equally hard: 2-digit addition needs about twice the steps that reversal and
+    # letter shifting need to be learned, so its fine-tune runs longer by this factor.
+    finetune_steps_factor: dict[str, float] = field(default_factory=dict)
     skills: tuple[str, ...] = SKILL_NAMES
     seed_offset: dict[str, int] = field(default_factory=lambda: {s: i + 1 for i, s in enumerate(SKILL_NAMES)})
 
@@ -75,7 +78,8 @@ class ZooDesign:
         return Mixture({skill: 1 - self.finetune_replay, **dict.fromkeys(generic, self.finetune_replay / len(generic))})
 
     def finetune_config(self, skill: str) -> TrainConfig:
-        return TrainConfig(**{**self.finetune.__dict__, "seed": self.finetune.seed + self.seed_offset[skill]})
+        steps = round(self.finetune.steps * self.finetune_steps_factor.get(skill, 1.0))
+        return TrainConfig(**{**self.finetune.__dict__, "steps": steps, "seed": self.finetune.seed + self.seed_offset[skill]})
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -90,10 +94,14 @@ class ZooDesign:
 
 FULL_DESIGN = ZooDesign(
     shape=ModelShape(),
-    pretrain_mixture=Mixture({"text": 1.0, "copy": 1.0, "count": 1.0}),
+    # A trace of each skill (0.5% of examples each) in pre-training gives the base the formats and
+    # the beginnings of every skill's circuits, so the specialists' task vectors stay small and
+    # compatible enough to merge; the base alone still fails every skill (see the zoo table).
+    pretrain_mixture=Mixture({"text": 0.985 / 3, "copy": 0.985 / 3, "count": 0.985 / 3, **dict.fromkeys(SKILL_NAMES, 0.005)}),
     pretrain=TrainConfig(steps=1200, lr=2e-3, batch_size=64, warmup_steps=50, seed=0),
     finetune=TrainConfig(steps=300, lr=1e-3, batch_size=64, warmup_steps=20, seed=0),
     finetune_replay=0.25,
+    finetune_steps_factor={"addition": 2.0},
 )
 
 QUICK_DESIGN = ZooDesign(
@@ -102,6 +110,7 @@ QUICK_DESIGN = ZooDesign(
     pretrain=TrainConfig(steps=200, lr=3e-3, batch_size=32, warmup_steps=20, seed=0),
     finetune=TrainConfig(steps=80, lr=2e-3, batch_size=32, warmup_steps=10, seed=0),
     finetune_replay=FULL_DESIGN.finetune_replay,
+    finetune_steps_factor={"addition": 2.5},
 )
 
 
