@@ -93,6 +93,7 @@ class Score:
     fitness: float  # weighted mean of the specs' metrics, lower-is-better ones negated
     metrics: dict[str, dict[str, float]]  # task -> every numeric metric lm-eval reported
     seconds: float
+    objectives: tuple[float, ...] = ()  # each spec's metric, negated if lower is better (spec order)
 
 
 def default_tasks_dir() -> Path:
@@ -243,16 +244,22 @@ class Scorer:
             lm = self._lm(model, tokenizer)
             metrics = self._run(lm)
         fitness = self.fitness(metrics)
-        return Score(fitness, metrics, time.perf_counter() - start)
+        return Score(fitness, metrics, time.perf_counter() - start, self.objectives(metrics))
 
     def fitness(self, metrics: Mapping[str, Mapping[str, float]]) -> float:
         """Weighted mean of the specs' metrics; lower-is-better metrics count negated."""
-        value = 0.0
+        values = self.objectives(metrics)
+        total = sum(spec.weight * v for (spec, _, _), v in zip(self.terms, values, strict=True))
+        return total / sum(spec.weight for spec in self.specs)
+
+    def objectives(self, metrics: Mapping[str, Mapping[str, float]]) -> tuple[float, ...]:
+        """Each spec's metric, negated when lower is better (for multi-objective search)."""
+        values = []
         for spec, key, sign in self.terms:
             if key not in metrics.get(spec.name, {}):
                 raise ScoringError(f"task {spec.name} produced no {key} metric")
-            value += spec.weight * sign * metrics[spec.name][key]
-        return value / sum(spec.weight for spec in self.specs)
+            values.append(sign * metrics[spec.name][key])
+        return tuple(values)
 
     def _lm(self, model: Any, tokenizer: Any) -> LM:
         if self.backend == "vllm":

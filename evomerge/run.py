@@ -208,7 +208,7 @@ def search(
     optimizer = _optimizer(config, setup.space, run_dir, resume=resume)
     log = TrialLog(run_dir / TRIALS_FILE)
     done = {r["id"]: r for r in log.read()}
-    retry = _reconcile(optimizer, done)
+    retry = _reconcile(optimizer, done, config.optimizer.per_task)
     if not resume:
         for item in config.warm_start:
             optimizer.enqueue(setup.space.encode(Recipe.from_dict(resolve_recipe_refs(item), origin="warm_start")))
@@ -240,12 +240,20 @@ def _optimizer(config: SearchConfig, space: SearchSpace, run_dir: Path, *, resum
         options.setdefault("sigma0", opt.sigma0)
         if opt.popsize:
             options.setdefault("popsize", opt.popsize)
+    n_objectives = len(config.tasks) if opt.per_task else 1
     if resume and state_path(opt.kind, run_dir).exists():
-        return load_optimizer(opt.kind, space.dim, seed=opt.seed, run_dir=run_dir, **options)
-    return make_optimizer(opt.kind, space.dim, seed=opt.seed, run_dir=run_dir, **options)
+        return load_optimizer(opt.kind, space.dim, seed=opt.seed, run_dir=run_dir, n_objectives=n_objectives, **options)
+    return make_optimizer(opt.kind, space.dim, seed=opt.seed, run_dir=run_dir, n_objectives=n_objectives, **options)
 
 
-def _reconcile(optimizer: Optimizer, done: Mapping[int, Mapping[str, Any]]) -> list[Candidate]:
+def told_values(record: Mapping[str, Any], per_task: bool) -> list[float] | None:
+    """What the optimizer is told of a finished trial: its fitness, or its per-task objectives."""
+    if record["fitness"] is None:
+        return None
+    return list(record["objectives"]) if per_task else [record["fitness"]]
+
+
+def _reconcile(optimizer: Optimizer, done: Mapping[int, Mapping[str, Any]], per_task: bool) -> list[Candidate]:
     """After a crash: tell the optimizer trials that were logged but not told; re-run the rest."""
     retry = []
     for cand in optimizer.unfinished():
@@ -253,7 +261,7 @@ def _reconcile(optimizer: Optimizer, done: Mapping[int, Mapping[str, Any]]) -> l
         if record is None:
             retry.append(cand)
         else:
-            optimizer.tell(cand.id, None if record["fitness"] is None else [record["fitness"]])
+            optimizer.tell(cand.id, told_values(record, per_task))
     return retry
 
 
@@ -315,6 +323,7 @@ class _Loop:
             "id": result.candidate_id,
             "status": result.status,
             "fitness": result.fitness,
+            "objectives": list(result.objectives),
             "metrics": result.metrics,
             "error": result.error,
             "x": list(x) if x is not None else None,
@@ -328,7 +337,7 @@ class _Loop:
         }
         self.log.append(record)  # logged first: a crash before the tell is reconciled on resume
         self.done[result.candidate_id] = record
-        self.optimizer.tell(result.candidate_id, None if result.fitness is None else [result.fitness])
+        self.optimizer.tell(result.candidate_id, told_values(record, self.config.optimizer.per_task))
         if result.fitness is not None and (self.best is None or result.fitness > self.best["fitness"]):
             self.best = record
             atomic_write_text(self.run_dir / BEST_FILE, Recipe.from_dict(recipe).to_yaml())

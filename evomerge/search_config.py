@@ -56,7 +56,14 @@ class OptimizerConfig(_Strict):
     seed: int = 0
     popsize: int | None = Field(default=None, ge=2)
     sigma0: float = Field(default=0.25, gt=0)
+    # fitness: one objective, the weighted mean; tasks: one per fitness task (Pareto search).
+    # Default: tasks for optuna-nsga2, which needs several, fitness for the rest.
+    objectives: Literal["fitness", "tasks"] | None = None
     options: dict[str, Any] = {}
+
+    @property
+    def per_task(self) -> bool:
+        return (self.objectives or ("tasks" if self.kind == "optuna-nsga2" else "fitness")) == "tasks"
 
 
 class BudgetConfig(_Strict):

@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 from evomerge.errors import EvomergeError
 
+STARTUP_TIMEOUT_S = 300  # building a worker loads every input model: minutes for large ones
+
 
 @dataclass(frozen=True)
 class WorkerSetup:
@@ -54,6 +56,7 @@ class TrialResult:
     merge_seconds: float = 0.0
     score_seconds: float = 0.0
     worker: str = ""
+    objectives: tuple[float, ...] = ()  # per fitness task (see Scorer.objectives)
 
 
 class CandidateEvaluator:
@@ -104,7 +107,9 @@ class CandidateEvaluator:
             )
         if not math.isfinite(score.fitness):
             return TrialResult(job.candidate_id, "failed", None, score.metrics, "fitness is not finite", merge_seconds, score.seconds, self.name)
-        return TrialResult(job.candidate_id, "ok", score.fitness, score.metrics, None, merge_seconds, score.seconds, self.name)
+        return TrialResult(
+            job.candidate_id, "ok", score.fitness, score.metrics, None, merge_seconds, score.seconds, self.name, score.objectives
+        )
 
     def load_weights(self, state: Mapping[str, Any]) -> None:
         """Copy merged tensors into the live model in place (tied weights come along)."""
@@ -182,17 +187,27 @@ class RayPool:
         import ray
 
         self._ray = ray
-        if not ray.is_initialized():
+        self._owns_ray = not ray.is_initialized()  # a Ray this pool started, it also shuts down
+        if self._owns_ray:
             if address:
                 ray.init(address=address, log_to_driver=False)
             else:
                 ray.init(num_cpus=max(n_workers * cpus_per_worker, 1), include_dashboard=False, log_to_driver=False)
+        elif not address:
+            _check_local_resources(ray, n_workers * cpus_per_worker, n_workers * num_gpus)
         self._remote_cls = ray.remote(evaluator_cls).options(num_cpus=cpus_per_worker, num_gpus=num_gpus)
         self.setup = setup if setup.threads else _with_threads(setup, cpus_per_worker)
         self._actors = [self._remote_cls.remote(self.setup) for _ in range(n_workers)]
         self._idle = list(range(n_workers))
         self._running: dict[Any, tuple[int, Job]] = {}  # object ref -> (actor slot, job)
-        ray.get([a.ping.remote() for a in self._actors])  # fail fast if workers cannot start
+        try:  # fail fast if workers cannot start
+            ray.get([a.ping.remote() for a in self._actors], timeout=STARTUP_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            self.close()
+            raise EvomergeError(
+                f"{n_workers} Ray worker(s) ({cpus_per_worker} CPU, {num_gpus:g} GPU each) did not start within "
+                f"{STARTUP_TIMEOUT_S} s; cluster resources: {ray.cluster_resources()}"
+            ) from None
 
     @property
     def size(self) -> int:
@@ -246,6 +261,9 @@ class RayPool:
         for actor in self._actors:
             self._ray.kill(actor)
         self._actors, self._running, self._idle = [], {}, []
+        if self._owns_ray:
+            self._ray.shutdown()
+            self._owns_ray = False
 
 
 def make_pool(
@@ -260,6 +278,17 @@ def make_pool(
     if workers == 0:
         return SerialPool(setup, evaluator_cls=evaluator_cls)
     return RayPool(setup, workers, address=address, num_gpus=num_gpus, evaluator_cls=evaluator_cls)
+
+
+def _check_local_resources(ray: Any, cpus: float, gpus: float) -> None:
+    """A Ray started earlier in this process may be too small for this pool: say so instead of waiting forever."""
+    total = ray.cluster_resources()
+    for name, needed in (("CPU", cpus), ("GPU", gpus)):
+        if needed > total.get(name, 0):
+            raise EvomergeError(
+                f"the workers need {needed:g} {name}s but the running Ray has {total.get(name, 0):g}; "
+                f"use fewer workers or start Ray with more (ray.init(num_cpus=...))"
+            )
 
 
 def _with_threads(setup: WorkerSetup, threads: int) -> WorkerSetup:

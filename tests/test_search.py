@@ -206,6 +206,17 @@ def test_ray_pool_two_workers_and_a_killed_worker_is_replaced(quick_zoo, ray_ses
         pool.close()
 
 
+def test_ray_pool_larger_than_the_running_ray_is_refused_not_hung(quick_zoo, ray_session, tmp_path):
+    from evomerge.errors import EvomergeError
+    from evomerge.run import build_setup
+    from evomerge.search_config import load_search_config
+
+    setup = build_setup(load_search_config(write_config(tmp_path, quick_zoo))[0])
+    with pytest.raises(EvomergeError, match="need 3 CPUs but the running Ray has 2"):
+        RayPool(setup.worker, 3)
+    assert ray_session.is_initialized()  # a Ray the pool did not start stays up
+
+
 @pytest.mark.slow
 def test_cli_search_with_ray_workers_writes_report(quick_zoo, ray_session, tmp_path):
     config = write_config(tmp_path, quick_zoo, workers=2, optimizer={"kind": "optuna-tpe", "seed": 1})
@@ -249,3 +260,19 @@ def test_search_scores_the_users_own_tasks_from_task_paths(quick_zoo, tmp_path):
     trials = read_trials(summary.run_dir)
     assert summary.failed == 0 and all(set(t["metrics"]) == {"my_add"} for t in trials)
     assert trials[0]["fitness"] == trials[0]["metrics"]["my_add"]["acc"]
+
+
+def test_nsga2_searches_one_objective_per_task(quick_zoo, tmp_path):
+    import optuna
+
+    config = write_config(tmp_path, quick_zoo, optimizer={"kind": "optuna-nsga2", "seed": 0}, budget={"max_evals": 6})
+    summary = search(config, run_dir=tmp_path / "run", progress=False)
+    trials = read_trials(summary.run_dir)
+    assert len(trials) == 6 and summary.failed == 0
+    for t in trials:
+        per_task = [t["metrics"][f"zoo_{s}_dev"]["acc"] for s in quick_zoo.skills]
+        assert t["objectives"] == pytest.approx(per_task)
+        assert t["fitness"] == pytest.approx(sum(per_task) / len(per_task))
+    study = optuna.load_study(study_name=None, storage=f"sqlite:///{summary.run_dir / 'study.db'}")
+    assert len(study.directions) == len(quick_zoo.skills)
+    assert [tuple(tr.values) for tr in study.trials] == [pytest.approx(t["objectives"]) for t in trials]
