@@ -15,6 +15,7 @@ from evomerge.errors import EvomergeError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Evolve LLM merge recipes.")
 err_console = Console(stderr=True)
+BEST_MODEL_DIR = "best_model"
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -82,7 +83,8 @@ def search(
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="join this Ray cluster")] = None,
     num_gpus: Annotated[float, typer.Option("--gpus-per-worker", help="GPUs per worker (fractional allowed)")] = 0.0,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available)")] = None,
-    save_best: Annotated[Path | None, typer.Option("--save-best", help="also write the best merge here")] = None,
+    save_best: Annotated[Path | None, typer.Option("--save-best", help="where to write the best merge (default: RUN_DIR/best_model)")] = None,
+    no_save_best: Annotated[bool, typer.Option("--no-save-best", help="do not write the best merge at the end")] = False,
     no_report: Annotated[bool, typer.Option("--no-report", help="skip the held-out report at the end")] = False,
 ) -> None:
     """Evolve a merge recipe: optimizer proposes, workers merge in memory and score with lm-eval."""
@@ -100,8 +102,9 @@ def search(
     if summary.interrupted:
         console.print(f"interrupted: continue with [bold]evomerge search --resume {summary.run_dir}[/]")
         raise typer.Exit(code=130)
-    if save_best is not None and summary.best_id is not None:
-        _materialize(summary.run_dir, None, save_best, device)
+    if not no_save_best and summary.best_id is not None:
+        # the default place is the run's own: a resumed run replaces it; a directory the user named is never replaced
+        _materialize(summary.run_dir, None, save_best or summary.run_dir / BEST_MODEL_DIR, device, overwrite=save_best is None)
     if not no_report:
         from evomerge.report import make_report
 
@@ -185,7 +188,7 @@ def zoo_build(
     Console().print(f"zoo at [bold]{zoo.root}[/]: base + {', '.join(zoo.specialists)}")
 
 
-def _materialize(run_dir: Path, trial: int | None, out: Path, device: str | None) -> None:
+def _materialize(run_dir: Path, trial: int | None, out: Path, device: str | None, *, overwrite: bool = False) -> None:
     import yaml
 
     from evomerge.export import trial_recipe
@@ -194,7 +197,7 @@ def _materialize(run_dir: Path, trial: int | None, out: Path, device: str | None
 
     recipe, _ = trial_recipe(run_dir, trial)
     seed = parse_search_config(yaml.safe_load((run_dir / "config.yaml").read_text())).seed
-    merge_to_disk(recipe, out, device=_device(device), seed=seed, progress=False)
+    merge_to_disk(recipe, out, device=_device(device), seed=seed, progress=False, overwrite=overwrite)
     Console().print(f"best merge written to [bold]{out}[/]")
 
 

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 # simple_evaluate's default few-shot seed, so few-shot contexts match a plain lm-eval run.
 FEWSHOT_SEED = 1234
 NO_FILTER = "none"
+MAIN_METRIC = ""  # TaskSpec.metric for "the task's main metric"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 _SPEC_KEYS = frozenset({"name", "metric", "weight", "higher_is_better"})
 
@@ -64,9 +65,9 @@ class TaskSpec:
         """`"task"`, `"task:metric"` or `{"name": ..., "metric": ..., "weight": ..., "higher_is_better": ...}`."""
         if isinstance(item, TaskSpec):
             return item
-        if isinstance(item, str):
+        if isinstance(item, str):  # a bare name means the task's main metric
             name, _, metric = item.strip().partition(":")
-            return cls(name.strip(), metric.strip() or "acc")
+            return cls(name.strip(), metric.strip() or MAIN_METRIC)
         if isinstance(item, Mapping):
             unknown = sorted(set(item) - _SPEC_KEYS)
             if unknown:
@@ -391,6 +392,11 @@ def _task_metrics(prepared: _PreparedTask) -> dict[str, float]:
 
 def _resolve_metric(spec: TaskSpec, prepared: _PreparedTask) -> str:
     """The metric key a spec means: exact, with `,` for `/`, or a bare name when one filter has it."""
+    if spec.metric == MAIN_METRIC:  # acc when the task has it, else the first metric it lists
+        keys = list(prepared.metric_keys)
+        if not keys:
+            raise ScoringError(f"task {spec.name} reports no metric")
+        return "acc" if "acc" in keys else keys[0]
     wanted = spec.metric.replace(",", "/")
     if wanted.endswith(f"/{NO_FILTER}"):
         wanted = wanted[: -len(NO_FILTER) - 1]

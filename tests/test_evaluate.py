@@ -100,7 +100,7 @@ def _load(path: Path):
 
 
 def test_task_spec_parse():
-    assert TaskSpec.parse("t") == TaskSpec("t", "acc", 1.0)
+    assert TaskSpec.parse("t") == TaskSpec("t", "", 1.0)  # the task's main metric
     assert TaskSpec.parse("t:acc_norm") == TaskSpec("t", "acc_norm")
     assert TaskSpec.parse(
         {"name": "t", "metric": "perplexity", "weight": 2, "higher_is_better": False}
@@ -155,6 +155,13 @@ def test_fitness_weights_and_lower_is_better(task_dir, family):
     assert scorer.fitness({MC: {"acc": 1.0}, LL: {"perplexity": 4.0, "acc": 0.5}}) == pytest.approx(
         (3 - 4 - 1) / 6
     )
+
+
+def test_a_bare_task_name_scores_its_main_metric(task_dir, family):
+    scorer = Scorer([MC, GEN], include_paths=[task_dir], limit=6)
+    score = scorer.score(*_load(family["base"]))
+    # acc where the task reports it, else the first metric it lists
+    assert score.objectives == (score.metrics[MC]["acc"], score.metrics[GEN]["exact_match"])
 
 
 def test_live_model_reused_and_sees_in_place_weight_changes(scorer, family):
@@ -231,7 +238,7 @@ def test_bad_input_is_named(task_dir, family, tmp_path):
     with pytest.raises(
         ScoringError, match=r"ev_add_gen does not report metric acc \(it reports: exact_match\)"
     ):
-        Scorer([GEN], include_paths=[task_dir])
+        Scorer([f"{GEN}:acc"], include_paths=[task_dir])
     with pytest.raises(ScoringError, match="either limit or samples"):
         Scorer([MC], include_paths=[task_dir], limit=2, samples={MC: [0]})
     with pytest.raises(ScoringError, match="sample index 99"):

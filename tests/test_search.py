@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 import yaml
+from tiny_models import load_state
 from typer.testing import CliRunner
 
 from evomerge.cli import app
@@ -18,7 +19,6 @@ from evomerge.merge import merge_to_disk
 from evomerge.recipe import Recipe
 from evomerge.run import read_trials, search
 from evomerge.workers import CandidateEvaluator, Job, RayPool, TrialResult, make_pool
-from tiny_models import load_state
 
 runner = CliRunner()
 
@@ -226,6 +226,9 @@ def test_cli_search_with_ray_workers_writes_report(quick_zoo, ray_session, tmp_p
     assert "held-out test tasks" in result.output and "evolved" in result.output
     for f in ("trials.jsonl", "best.yaml", "study.db", "fitness.png", "knobs.png", "report.md", "report.json"):
         assert (run_dir / f).exists(), f
+    # the best merge is materialized by default, as the recipe that scored best
+    assert list((run_dir / "best_model").glob("*.safetensors")) and (run_dir / "best_model" / "config.json").exists()
+    assert Recipe.load(run_dir / "best_model" / "evomerge_recipe.yaml") == Recipe.load(run_dir / "best.yaml")
     report = json.loads((run_dir / "report.json").read_text())
     names = [r["name"] for r in report["rows"]]
     assert names[0].startswith("evolved") and "linear" in names and len(names) == 1 + 1 + len(quick_zoo.skills) + 1

@@ -15,10 +15,26 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from evomerge.zoo import build as zoo_build
-from evomerge.zoo.build import FULL_DESIGN, MANIFEST, QUICK_DESIGN, Zoo, build, build_zoo, default_zoo_dir, finished_zoo
+from evomerge.zoo.build import (
+    FULL_DESIGN,
+    MANIFEST,
+    QUICK_DESIGN,
+    Zoo,
+    build,
+    build_zoo,
+    default_zoo_dir,
+    finished_zoo,
+)
 from evomerge.zoo.corpus import Mixture
 from evomerge.zoo.probe import mc_accuracy
-from evomerge.zoo.skills import SKILL_NAMES, eval_items, multiple_choice, problems, shift_letters, split_of
+from evomerge.zoo.skills import (
+    SKILL_NAMES,
+    eval_items,
+    multiple_choice,
+    problems,
+    shift_letters,
+    split_of,
+)
 from evomerge.zoo.train import TrainConfig, encode, encode_batch
 
 REPO = Path(__file__).resolve().parent.parent
