@@ -125,11 +125,11 @@ def main() -> None:
         rows.append((name, med, rss))
 
     print(f"\nCPU, {os.cpu_count()} cores, torch {torch.__version__}, {args.repeats} alternating runs, inputs {size_gb:.2f} GB")
-    print(f"{'recipe':8} {'evomerge s':>11} {'mergekit s':>11} {'speed-up':>9} {'floor s':>8} {'evomerge/floor':>15} {'RSS evomerge':>13} {'RSS mergekit':>13}")
+    print(f"{'recipe':8} {'evomerge s':>11} {'mergekit s':>11} {'speed-up':>9} {'floor s':>8} {'evomerge/floor':>15} {'RSS evomerge':>13} {'RSS mergekit':>13} {'RSS floor':>10}")
     for name, med, rss in rows:
         print(
             f"{name:8} {med['evomerge']:11.2f} {med['mergekit']:11.2f} {med['mergekit'] / med['evomerge']:8.2f}x "
-            f"{med['floor']:8.2f} {med['evomerge'] / med['floor']:14.2f}x {rss['evomerge']:11.2f}GB {rss['mergekit']:11.2f}GB"
+            f"{med['floor']:8.2f} {med['evomerge'] / med['floor']:14.2f}x {rss['evomerge']:11.2f}GB {rss['mergekit']:11.2f}GB {rss['floor']:8.2f}GB"
         )
     if args.workdir is None:
         shutil.rmtree(root, ignore_errors=True)
