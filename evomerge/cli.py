@@ -75,7 +75,7 @@ def merge(
 @app.command()
 @_friendly_errors
 def search(
-    config: Annotated[Path | None, typer.Argument(help="search config YAML (see search_spaces/)")] = None,
+    config: Annotated[Path | None, typer.Argument(help="search config YAML (see search_spaces/; default: the demo)")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="run directory (default: runs/<config>-<time>)")] = None,
     resume: Annotated[Path | None, typer.Option("--resume", help="continue the run in this directory")] = None,
     max_evals: Annotated[int | None, typer.Option("--max-evals", help="override budget.max_evals")] = None,

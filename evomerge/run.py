@@ -162,6 +162,16 @@ def build_setup(config: SearchConfig, *, device: str | None = None) -> SearchSet
     return SearchSetup(config, models, base, space, worker)
 
 
+def demo_config_path() -> Path:
+    """`search_spaces/demo.yaml` beside the package: what `evomerge search` runs when given no config."""
+    import evomerge
+
+    path = Path(evomerge.__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
+    if not path.is_file():
+        raise ConfigError(f"give a search config (or --resume RUN_DIR); the demo config is not at {path}")
+    return path
+
+
 def new_run_dir(config_path: Path) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{config_path.stem}-{stamp}"
@@ -191,7 +201,7 @@ def search(
         config = parse_search_config(raw, origin=str(run_dir / CONFIG_FILE))
     else:
         if config_path is None:
-            raise ConfigError("give a search config (or --resume RUN_DIR)")
+            config_path = demo_config_path()
         config, raw = load_search_config(config_path)
         run_dir = run_dir or new_run_dir(config_path)
         if run_dir.exists() and any(run_dir.iterdir()):

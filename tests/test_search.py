@@ -279,3 +279,11 @@ def test_nsga2_searches_one_objective_per_task(quick_zoo, tmp_path):
     study = optuna.load_study(study_name=None, storage=f"sqlite:///{summary.run_dir / 'study.db'}")
     assert len(study.directions) == len(quick_zoo.skills)
     assert [tuple(tr.values) for tr in study.trials] == [pytest.approx(t["objectives"]) for t in trials]
+
+
+def test_search_without_a_config_runs_the_demo():
+    from evomerge.run import demo_config_path
+    from evomerge.search_config import load_search_config
+
+    config, _ = load_search_config(demo_config_path())
+    assert config.models == ["zoo:addition", "zoo:reversal", "zoo:shift"] and config.base_model == "zoo:base"
