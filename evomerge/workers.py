@@ -202,6 +202,9 @@ class RayPool:
         self._running: dict[Any, tuple[int, Job]] = {}  # object ref -> (actor slot, job)
         try:  # fail fast if workers cannot start
             ray.get([a.ping.remote() for a in self._actors], timeout=STARTUP_TIMEOUT_S)
+        except ray.exceptions.RayActorError as e:  # the evaluator's constructor raised
+            self.close()
+            raise _startup_error(e) from None
         except ray.exceptions.GetTimeoutError:
             self.close()
             raise EvomergeError(
@@ -289,6 +292,19 @@ def _check_local_resources(ray: Any, cpus: float, gpus: float) -> None:
                 f"the workers need {needed:g} {name}s but the running Ray has {total.get(name, 0):g}; "
                 f"use fewer workers or start Ray with more (ray.init(num_cpus=...))"
             )
+
+
+def _startup_error(e: BaseException) -> EvomergeError:
+    """The worker's own error (a bad task, a missing model...) if it was one of ours, else one line."""
+    seen: set[int] = set()
+    cause: BaseException | None = e
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, EvomergeError):
+            return cause
+        cause = getattr(cause, "cause", None) or cause.__cause__
+    lines = [line.strip() for line in str(e).splitlines() if "Error:" in line]
+    return EvomergeError(f"a Ray worker could not start: {lines[-1] if lines else _one_line(e)}")
 
 
 def _with_threads(setup: WorkerSetup, threads: int) -> WorkerSetup:

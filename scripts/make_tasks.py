@@ -93,7 +93,8 @@ def render() -> dict[str, str]:
             items = eval_items(skill, split, size)  # type: ignore[arg-type]
             files[f"data/{skill}_{split}.jsonl"] = "".join(json.dumps(item.to_json()) + "\n" for item in items)
             files[f"zoo_{skill}_{split}.yaml"] = task_yaml(skill, split, generate=False)
-        files[f"zoo_{skill}_test_gen.yaml"] = task_yaml(skill, "test", generate=True)
+        for split in SIZES:
+            files[f"zoo_{skill}_{split}_gen.yaml"] = task_yaml(skill, split, generate=True)
     files["zoo_dev.yaml"] = group_yaml("zoo_dev", [f"zoo_{s}_dev" for s in SKILL_NAMES], "acc")
     files["zoo_test.yaml"] = group_yaml("zoo_test", [f"zoo_{s}_test" for s in SKILL_NAMES], "acc")
     files["zoo_test_gen.yaml"] = group_yaml("zoo_test_gen", [f"zoo_{s}_test_gen" for s in SKILL_NAMES], "exact_match")

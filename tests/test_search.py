@@ -287,3 +287,12 @@ def test_search_without_a_config_runs_the_demo():
 
     config, _ = load_search_config(demo_config_path())
     assert config.models == ["zoo:addition", "zoo:reversal", "zoo:shift"] and config.base_model == "zoo:base"
+
+
+def test_a_worker_that_cannot_start_fails_the_search_with_its_own_error(quick_zoo, ray_session, tmp_path):
+    from evomerge.errors import EvomergeError
+
+    # a generation task has no `acc`: the workers' scorers refuse it as they start
+    config = write_config(tmp_path, quick_zoo, tasks=["zoo_shift_dev_gen"], workers=2)
+    with pytest.raises(EvomergeError, match="zoo_shift_dev_gen does not report metric acc"):
+        search(config, run_dir=tmp_path / "run", progress=False)
