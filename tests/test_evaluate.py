@@ -423,7 +423,7 @@ def test_vllm_backend_is_imported_lazily_and_needs_the_extra(task_dir, family):
     assert "vllm" not in sys.modules
     scorer = Scorer([MC], include_paths=[task_dir], limit=2, backend="vllm")
     if "vllm" in sys.modules or _has_vllm():
-        pytest.skip("vllm is installed here")
+        pytest.skip("checks the error shown without the [vllm] extra, and vllm is installed here")
     with pytest.raises(ScoringError, match=r"needs vLLM: pip install 'evomerge\[vllm\]'"):
         scorer.score(family["base"])
 

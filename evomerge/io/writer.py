@@ -159,7 +159,7 @@ def _check_replaceable(out: Path, overwrite: bool) -> None:
 
 
 def _make_hidden_dir(beside: Path, kind: str) -> Path:
-    """A new directory ``.NAME.KIND-XXXXXXXX`` next to ``beside`` (same filesystem: renames stay atomic)."""
+    """A new directory ``.NAME.KIND-<8 random hex digits>`` next to ``beside`` (same filesystem: renames stay atomic)."""
     for _ in range(100):
         candidate = beside.parent / f".{beside.name}.{kind}-{secrets.token_hex(4)}"
         try:
