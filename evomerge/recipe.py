@@ -14,7 +14,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
@@ -25,7 +25,6 @@ from evomerge.methods.registry import MethodSpec, ParamSpec, get_method
 log = logging.getLogger(__name__)
 
 Scalar = bool | int | float | str
-DTypeName = Literal["bfloat16", "float16", "float32"]
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 
 
@@ -422,17 +421,9 @@ def _check_model_count(s: OutputSlice, *, where: str) -> None:
             if s.base_model
             else f"{where}: merge_method '{method.name}' needs a base_model"
         )
-    n = len(models)
-    if n < method.min_models or (method.max_models is not None and n > method.max_models):
-        expected = (
-            f"exactly {method.min_models}"
-            if method.max_models == method.min_models
-            else f"at least {method.min_models}"
-            if method.max_models is None
-            else f"{method.min_models}-{method.max_models}"
-        )
-        what = "models besides the base" if method.base != "unused" else "models"
-        raise RecipeError(f"{where}: merge_method '{method.name}' takes {expected} {what}, got {n}: {models}")
+    problem = method.model_count_problem(len(models))
+    if problem is not None:
+        raise RecipeError(f"{where}: {problem}: {models}")
 
 
 def _count(layer_counts: Mapping[str, int], model: str) -> int:

@@ -7,12 +7,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from evomerge.atomic import atomic_write_text
 from evomerge.recipe import Recipe
 from evomerge.run import (
     BEST_FILE,
     CONFIG_FILE,
     SPACE_FILE,
-    atomic_write_text,
     build_setup,
     read_trials,
     resolve_recipe_refs,

@@ -15,15 +15,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
-from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from evomerge.atomic import atomic_write_text
 from evomerge.errors import ConfigError
 from evomerge.io.reader import ModelReader
 from evomerge.optimize.base import Candidate, Optimizer
@@ -67,17 +67,6 @@ def resolve_recipe_refs(data: Any) -> Any:
 
 
 # ---- the run directory -----------------------------------------------------------------
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def recipe_hash(recipe: Mapping[str, Any]) -> str:
@@ -404,8 +393,4 @@ def read_trials(run_dir: Path) -> list[dict[str, Any]]:
     return TrialLog(Path(run_dir) / TRIALS_FILE).read()
 
 
-def iter_ok(trials: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    return (t for t in trials if t["status"] == "ok" and t["fitness"] is not None)
-
-
-__all__ = ["RunSummary", "TrialLog", "asdict", "build_setup", "read_trials", "resolve_model", "search"]
+__all__ = ["RunSummary", "TrialLog", "build_setup", "read_trials", "resolve_model", "search"]

@@ -10,8 +10,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from evomerge.errors import ConfigError
 
-OPTIMIZERS = ("cma", "optuna-tpe", "optuna-cmaes", "optuna-gp", "optuna-nsga2", "random")
-
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -52,7 +50,7 @@ class TaskEntry(_Strict):
 
 
 class OptimizerConfig(_Strict):
-    kind: Literal["cma", "optuna-tpe", "optuna-cmaes", "optuna-gp", "optuna-nsga2", "random"] = "cma"
+    kind: str = "cma"  # one of evomerge.optimize.KINDS
     seed: int = 0
     popsize: int | None = Field(default=None, ge=2)
     sigma0: float = Field(default=0.25, gt=0)
@@ -60,6 +58,16 @@ class OptimizerConfig(_Strict):
     # Default: tasks for optuna-nsga2, which needs several, fitness for the rest.
     objectives: Literal["fitness", "tasks"] | None = None
     options: dict[str, Any] = {}
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, kind: str) -> str:
+        # Imported here: the optimizers load optuna, which reading a config does not need.
+        from evomerge.optimize import KINDS
+
+        if kind not in KINDS:
+            raise ValueError(f"unknown optimizer kind {kind!r}; valid: {', '.join(KINDS)}")
+        return kind
 
     @property
     def per_task(self) -> bool:

@@ -115,9 +115,9 @@ class SearchSpace:
         for method in self.methods:
             if method.base == "required" and self.base_model is None:
                 raise ConfigError(f"space.methods: '{method.name}' needs base_model")
-            n = len(self._merge_models(method))
-            if n < method.min_models or (method.max_models is not None and n > method.max_models):
-                raise ConfigError(f"space.methods: '{method.name}' cannot merge {n} models")
+            problem = method.model_count_problem(len(self._merge_models(method)))
+            if problem is not None:
+                raise ConfigError(f"space.methods: {problem}")
         for name in self.config.knobs:
             if not any(_has_param(m, name) for m in self.methods):
                 valid = sorted({p.name for m in self.methods for p in m.params})

@@ -150,10 +150,6 @@ class SerialPool:
         self._queue: deque[Job] = deque()
 
     @property
-    def size(self) -> int:
-        return 1
-
-    @property
     def free_slots(self) -> int:
         return 0 if self._queue else 1
 
@@ -211,10 +207,6 @@ class RayPool:
                 f"{n_workers} Ray worker(s) ({cpus_per_worker} CPU, {num_gpus:g} GPU each) did not start within "
                 f"{STARTUP_TIMEOUT_S} s; cluster resources: {ray.cluster_resources()}"
             ) from None
-
-    @property
-    def size(self) -> int:
-        return len(self._actors)
 
     @property
     def free_slots(self) -> int:

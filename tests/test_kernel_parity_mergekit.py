@@ -259,3 +259,52 @@ def test_stochastic_methods_match_seed_for_seed_on_cpu(family, name):
         assert rel_err(ours, theirs) <= 1e-5
         outs.append(ours)
     assert not torch.equal(outs[0], outs[1])  # the seed matters
+
+
+# ---- TIES in bfloat16: the only differences are ties at the cut-off ---------------------------
+
+
+def _stable_magnitude(tensor, density, rescale_norm=None):
+    """mergekit 0.1.5's `magnitude` with one change: a stable argsort (ties kept earliest first)."""
+    if density >= 1:
+        return tensor
+    k = max(1, int(density * tensor.numel()))
+    mask = torch.zeros(tensor.numel(), dtype=tensor.dtype)
+    order = torch.argsort(tensor.abs().reshape(-1).float(), descending=True, stable=True)
+    mask[order[:k]] = 1
+    return mk_sparsify.rescaled_masked_tensor(tensor, mask.reshape_as(tensor), rescale_norm)
+
+
+def test_bf16_ties_differs_from_mergekit_only_at_cutoff_ties(monkeypatch):
+    # bfloat16 holds 2^7 magnitudes per power of two, so many entries of a task vector share the
+    # cut-off magnitude; which of them TIES keeps is arbitrary in mergekit (an unstable argsort on
+    # the CPU) and earliest-first in evomerge. 196,608 entries: the selection runs in 3 pieces.
+    g = torch.Generator().manual_seed(0)
+    shape = (384, 512)
+    base = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
+    xs = [(base + torch.randn(shape, generator=g) * 0.002).to(torch.bfloat16) for _ in range(3)]
+    params = {"weight": [1.0, 0.6, 0.4], "density": [0.3, 0.5, 0.7]}
+    n = base.numel()
+    at_cutoff = torch.zeros(shape, dtype=torch.bool)  # entries tied at some model's cut-off
+    for x, density in zip(xs, params["density"], strict=True):
+        delta = x - base
+        k = int(density * n)
+        magnitudes = delta.abs().float()
+        ties = magnitudes == torch.topk(magnitudes.reshape(-1), k).values[-1]
+        kept_ours = sp.magnitude(delta, density) != 0
+        kept_theirs = mk_sparsify.magnitude(delta, density) != 0
+        assert kept_ours.sum() == kept_theirs.sum()
+        assert not (kept_ours != kept_theirs)[~ties].any()  # masks differ only among the ties
+        at_cutoff |= ties
+
+    ours = get_method("ties").merge(base, xs, params, {})
+    theirs = merge_tensors([base, *xs], "ties", parameters=params, base_index=0)
+    assert ours.dtype == theirs.dtype == torch.bfloat16
+    differ = ours != theirs
+    assert torch.equal(ours[~at_cutoff], theirs[~at_cutoff])  # bit for bit off the ties
+    print(f"bf16 TIES vs mergekit: {int(differ.sum())} of {n} entries differ, all at cut-off ties")
+
+    # With mergekit's argsort made stable, mergekit keeps the same ties: no difference at all.
+    monkeypatch.setattr(mk_sparsify, "magnitude", _stable_magnitude)
+    theirs_stable = merge_tensors([base, *xs], "ties", parameters=params, base_index=0)
+    assert torch.equal(ours, theirs_stable)

@@ -75,19 +75,19 @@ class ParamSpec:
         return f"is outside {self.interval()}" if too_low or too_high else None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MethodSpec:
     name: str
-    params: tuple[ParamSpec, ...]
-    base: Literal["required", "optional", "unused"]
-    min_models: int  # count of non-base input models
-    max_models: int | None
-    stochastic: bool
-    # Vocabulary-size mismatch: cut every model to the base's rows, or to the rows all share.
-    embed_shape: Literal["base", "common"]
-    # slerp/nearswap/arcee_fusion: the base is one endpoint (t=0) and there is exactly 1 model.
-    uses_base_as_model: bool
     run: Runner = field(repr=False, compare=False)
+    params: tuple[ParamSpec, ...] = ()
+    base: Literal["required", "optional", "unused"] = "required"
+    min_models: int = 1  # count of non-base input models
+    max_models: int | None = None
+    stochastic: bool = False
+    # Vocabulary-size mismatch: cut every model to the base's rows, or to the rows all share.
+    embed_shape: Literal["base", "common"] = "base"
+    # slerp/nearswap/arcee_fusion: the base is one endpoint (t=0) and there is exactly 1 model.
+    uses_base_as_model: bool = False
     constraint: Constraint | None = field(default=None, repr=False, compare=False)
     reference: str = ""
     doc: str = ""
@@ -112,6 +112,19 @@ class MethodSpec:
             shown = f"{value:g}" if isinstance(value, float) else repr(value)
             raise RecipeError(f"{value_name}={shown} for {where} {problem} ({self.name})")
 
+    def model_count_problem(self, n: int) -> str | None:
+        """Why the method cannot merge `n` models (besides the base, if it takes one), or None."""
+        if n >= self.min_models and (self.max_models is None or n <= self.max_models):
+            return None
+        if self.max_models == self.min_models:
+            expected = f"exactly {self.min_models}"
+        elif self.max_models is None:
+            expected = f"at least {self.min_models}"
+        else:
+            expected = f"{self.min_models} to {self.max_models}"
+        besides = " besides the base" if self.base != "unused" else ""
+        return f"merge_method '{self.name}' takes {expected} model(s){besides}, got {n}"
+
     def check_params(self, model_params: ModelParams, global_params: GlobalParams) -> None:
         """Constraints between parameters (e.g. della's density +/- epsilon in (0, 1))."""
         if self.constraint is not None:
@@ -129,16 +142,9 @@ class MethodSpec:
         if self.base == "required" and base is None:
             raise RecipeError(f"merge_method '{self.name}' needs a base tensor")
         n = len(models)
-        if n < self.min_models or (self.max_models is not None and n > self.max_models):
-            if self.max_models == self.min_models:
-                expected = f"exactly {self.min_models}"
-            elif self.max_models is None:
-                expected = f"at least {self.min_models}"
-            else:
-                expected = f"{self.min_models} to {self.max_models}"
-            raise RecipeError(
-                f"merge_method '{self.name}' takes {expected} model(s) besides the base, got {n}"
-            )
+        problem = self.model_count_problem(n)
+        if problem is not None:
+            raise RecipeError(problem)
         mp = self._filled_model_params(model_params, n)
         gp = self._filled_global_params(global_params)
         self.check_params(mp, gp)
@@ -288,12 +294,7 @@ def _task_vector_method(variant: TaskVectorVariant) -> MethodSpec:
     return MethodSpec(
         name=variant.name,
         params=tuple(params),
-        base="required",
-        min_models=1,
-        max_models=None,
         stochastic=variant.sparsifier in (Sparsifier.random, Sparsifier.della_magprune),
-        embed_shape="base",
-        uses_base_as_model=False,
         run=_task_vector_runner(variant),
         constraint=_della_constraint if variant.sparsifier is Sparsifier.della_magprune else None,
         reference=variant.reference,
@@ -305,11 +306,7 @@ _SPECS: tuple[MethodSpec, ...] = (
         name="linear",
         params=(_weight(), _flag("normalize", True, "divide by the sum of the weights")),
         base="unused",
-        min_models=1,
-        max_models=None,
-        stochastic=False,
         embed_shape="common",
-        uses_base_as_model=False,
         run=lambda base, models, mp, gp, gen: interpolation.linear(
             models, weight=mp["weight"], normalize=gp["normalize"]
         ),
@@ -320,10 +317,7 @@ _SPECS: tuple[MethodSpec, ...] = (
     MethodSpec(
         name="slerp",
         params=(SLERP_T,),
-        base="required",
-        min_models=1,
         max_models=1,
-        stochastic=False,
         embed_shape="common",
         uses_base_as_model=True,
         run=lambda base, models, mp, gp, gen: interpolation.slerp(base, models[0], t=gp["t"]),
@@ -340,9 +334,7 @@ _SPECS: tuple[MethodSpec, ...] = (
         base="optional",
         min_models=2,
         max_models=2,
-        stochastic=False,
         embed_shape="common",
-        uses_base_as_model=False,
         run=lambda base, models, mp, gp, gen: interpolation.nuslerp(
             base,
             models,
@@ -371,11 +363,7 @@ _SPECS: tuple[MethodSpec, ...] = (
             ),  # fmt: skip
         ),
         base="optional",
-        min_models=1,
-        max_models=None,
-        stochastic=False,
         embed_shape="common",
-        uses_base_as_model=False,
         run=lambda base, models, mp, gp, gen: interpolation.multislerp(
             base,
             models,
@@ -414,11 +402,7 @@ _SPECS: tuple[MethodSpec, ...] = (
             ),  # fmt: skip
         ),
         base="unused",
-        min_models=1,
-        max_models=None,
-        stochastic=False,
         embed_shape="common",
-        uses_base_as_model=False,
         run=lambda base, models, mp, gp, gen: interpolation.karcher(
             models, max_iter=int(gp["max_iter"]), tol=gp["tol"]
         ),
@@ -442,12 +426,6 @@ _SPECS: tuple[MethodSpec, ...] = (
             ),  # fmt: skip
             INT8_MASK,
         ),
-        base="required",
-        min_models=1,
-        max_models=None,
-        stochastic=False,
-        embed_shape="base",
-        uses_base_as_model=False,
         run=lambda base, models, mp, gp, gen: specialized.sce(
             base, models, select_topk=gp["select_topk"]
         ),
@@ -457,12 +435,8 @@ _SPECS: tuple[MethodSpec, ...] = (
     MethodSpec(
         name="model_stock",
         params=(_flag("filter_wise", False, "one interpolation factor per row, not per tensor"),),
-        base="required",
         min_models=2,
-        max_models=None,
-        stochastic=False,
         embed_shape="common",
-        uses_base_as_model=False,
         run=lambda base, models, mp, gp, gen: specialized.model_stock(
             base, models, filter_wise=gp["filter_wise"]
         ),
@@ -472,11 +446,7 @@ _SPECS: tuple[MethodSpec, ...] = (
     MethodSpec(
         name="nearswap",
         params=(NEARSWAP_T,),
-        base="required",
-        min_models=1,
         max_models=1,
-        stochastic=False,
-        embed_shape="base",
         uses_base_as_model=True,
         run=lambda base, models, mp, gp, gen: specialized.nearswap(base, models[0], t=gp["t"]),
         reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
@@ -484,11 +454,7 @@ _SPECS: tuple[MethodSpec, ...] = (
     ),
     MethodSpec(
         name="arcee_fusion",
-        params=(),
-        base="required",
-        min_models=1,
         max_models=1,
-        stochastic=False,
         embed_shape="common",
         uses_base_as_model=True,
         run=lambda base, models, mp, gp, gen: specialized.arcee_fusion(base, models[0]),
@@ -509,11 +475,7 @@ _SPECS: tuple[MethodSpec, ...] = (
             ),  # fmt: skip
         ),
         base="unused",
-        min_models=1,
         max_models=1,
-        stochastic=False,
-        embed_shape="base",
-        uses_base_as_model=False,
         run=lambda base, models, mp, gp, gen: specialized.passthrough(
             models[0], scale=mp["scale"][0]
         ),

@@ -8,8 +8,8 @@ They are built on `prepare`, which the task-vector kernel uses to sparsify a del
 without holding it whole: it reads the delta's pieces once or twice (a magnitude histogram, a
 rescale norm, the random draws) and returns a function to call on the same pieces, in order.
 
-Magnitude selection is exact and O(n): a histogram of the magnitudes' bit patterns finds the
-threshold (no sort). Equal magnitudes are ordered by position, the earlier entry counting as the
+Magnitude selection is exact and O(n) (`evomerge.methods.topk`): a histogram of the magnitudes'
+bit patterns finds the threshold (no sort). Equal magnitudes are ordered by position, the earlier entry counting as the
 larger (a stable sort by descending |delta|): TIES keeps the first of several entries tied at
 its threshold. mergekit argsorts, which on the CPU is not stable, so there the choice among tied
 entries is arbitrary; ties are common in bfloat16 and rare in float32.
@@ -19,17 +19,14 @@ from __future__ import annotations
 
 import enum
 import sys
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
 
 from evomerge.errors import RecipeError
+from evomerge.methods.topk import INT_OF_SIZE, Pieces, RankMasker, masked, select_by_rank
 
 _RESCALE_EPS = 1e-7
-
-Pieces = Callable[[], Iterator[torch.Tensor]]
-"""Yields a delta's consecutive flat pieces, in order, anew on each call."""
 
 PieceSparsifier = Callable[[torch.Tensor], torch.Tensor]
 """Called once with each piece of the delta, in order; returns the piece sparsified."""
@@ -70,18 +67,26 @@ def check_della(density: float, epsilon: float) -> None:
 # ---- whole-tensor sparsifiers ---------------------------------------------------------------
 
 
-def magnitude(delta: torch.Tensor, density: float, *, rescale: bool = False) -> torch.Tensor:
+def magnitude(
+    delta: torch.Tensor, density: float, *, rescale: bool = False, piece_elems: int | None = None
+) -> torch.Tensor:
     """Keep the `max(1, int(density * numel))` entries of largest magnitude (TIES).
 
     Any positive density keeps at least one entry (as mergekit 0.1.5 does); density 0 gives an
     all-zero delta (mergekit <= 0.1.4 asserted on k = 0). Among entries tied at the threshold
-    magnitude, the earliest are kept.
+    magnitude, the earliest are kept. `piece_elems`: see `piece_spans` (default: cache-sized on
+    the CPU); the result does not depend on it.
     """
-    return _whole(delta, Sparsifier.magnitude, density=density, rescale=rescale)
+    return _whole(delta, Sparsifier.magnitude, piece_elems, density=density, rescale=rescale)
 
 
 def magnitude_outliers(
-    delta: torch.Tensor, density: float, gamma: float, *, rescale: bool = False
+    delta: torch.Tensor,
+    density: float,
+    gamma: float,
+    *,
+    rescale: bool = False,
+    piece_elems: int | None = None,
 ) -> torch.Tensor:
     """Model Breadcrumbs: drop the `gamma` fraction of largest |delta|, then enough of the smallest
     to leave `int(density * numel)` entries.
@@ -91,7 +96,12 @@ def magnitude_outliers(
     Equal magnitudes are ordered by position, the earlier entry counting as the larger.
     """
     return _whole(
-        delta, Sparsifier.magnitude_outliers, density=density, gamma=gamma, rescale=rescale
+        delta,
+        Sparsifier.magnitude_outliers,
+        piece_elems,
+        density=density,
+        gamma=gamma,
+        rescale=rescale,
     )
 
 
@@ -106,7 +116,9 @@ def bernoulli(
 
     On the CPU the mask is, draw for draw, `torch.bernoulli(full_like(delta, density))` (mergekit's).
     """
-    return _whole(delta, Sparsifier.random, density=density, rescale=rescale, generator=generator)
+    return _whole(
+        delta, Sparsifier.random, None, density=density, rescale=rescale, generator=generator
+    )
 
 
 def della_magprune(
@@ -125,6 +137,7 @@ def della_magprune(
     return _whole(
         delta,
         Sparsifier.della_magprune,
+        None,
         density=density,
         epsilon=epsilon,
         rescale=rescale,
@@ -132,30 +145,11 @@ def della_magprune(
     )
 
 
-def sparsify(
-    delta: torch.Tensor,
-    method: Sparsifier,
-    *,
-    density: float,
-    rescale: bool = False,
-    gamma: float = 0.0,
-    epsilon: float = 0.0,
-    generator: torch.Generator | None = None,
+def _whole(
+    delta: torch.Tensor, method: Sparsifier, piece_elems: int | None, **kwargs
 ) -> torch.Tensor:
-    return _whole(
-        delta,
-        method,
-        density=density,
-        rescale=rescale,
-        gamma=gamma,
-        epsilon=epsilon,
-        generator=generator,
-    )
-
-
-def _whole(delta: torch.Tensor, method: Sparsifier, **kwargs) -> torch.Tensor:
     flat = delta.contiguous().reshape(-1)
-    spans = piece_spans(delta.shape, default_piece_elems(delta.device))
+    spans = piece_spans(delta.shape, piece_elems or default_piece_elems(delta.device))
     sparsify_piece = prepare(
         method,
         lambda: (flat[s:e] for s, e in spans),
@@ -273,7 +267,7 @@ def _keep_bits(
     if isinstance(probs, torch.Tensor):
         probs = probs.float()  # torch.bernoulli compares in float32 too
     below = (draws - probs).view(torch.int32) >> 31
-    return below.to(_INT_OF_SIZE[piece.element_size()])
+    return below.to(INT_OF_SIZE[piece.element_size()])
 
 
 def _della_probs(rows: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
@@ -301,21 +295,17 @@ def _by_draws(
         masks.append(bits)
         if rescale:
             before += piece.abs().sum(dtype=torch.float64).item()
-            after += _masked(piece, bits).abs().sum(dtype=torch.float64).item()
+            after += masked(piece, bits).abs().sum(dtype=torch.float64).item()
     scale = _l1_scale(before, after, work) if rescale else None
     remaining = iter(masks)
 
     def apply(piece: torch.Tensor) -> torch.Tensor:
-        kept = _masked(piece, next(remaining))
+        kept = masked(piece, next(remaining))
         if scale is None:
             return kept
         return (kept.to(work) * scale).to(piece.dtype)
 
     return apply
-
-
-def _masked(piece: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
-    return (piece.view(bits.dtype) & bits).view(piece.dtype)
 
 
 def _l1_scale(before: float, after: float, work: torch.dtype) -> torch.Tensor | None:
@@ -326,143 +316,7 @@ def _l1_scale(before: float, after: float, work: torch.dtype) -> torch.Tensor | 
     return before_t / after_t
 
 
-# ---- exact selection by magnitude rank ------------------------------------------------------
-
-_INT_OF_SIZE = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-_DIGIT_BITS = 15  # the histogram's resolution: the top 15 magnitude bits (32768 bins)
-
-
-def magnitude_keys(delta: torch.Tensor) -> torch.Tensor:
-    """Integers ordered as |delta| is: the IEEE bits with the sign bit cleared (NaN above inf)."""
-    ints = delta.view(_INT_OF_SIZE[delta.element_size()])
-    return ints & (torch.iinfo(ints.dtype).max)
-
-
-@dataclass(frozen=True)
-class _TieWindow:
-    """The entries whose magnitude key is `key`: there are `count`; in index order, those with
-    ordinal in [first, stop) are kept."""
-
-    key: int
-    count: int
-    first: int
-    stop: int
-
-
-@dataclass(frozen=True)
-class _RankSelection:
-    """Keep keys strictly between `low` and `high` (None: unbounded) and the tie windows' entries."""
-
-    low: int | None
-    high: int | None
-    windows: tuple[_TieWindow, ...]
-
-
-def select_by_rank(pieces: Pieces, n: int, start: int, stop: int) -> _RankSelection | None:
-    """The entries at positions [start, stop) when the n entries are sorted by ascending |delta|,
-    equal magnitudes in reverse index order (the earlier entry counts as the larger); None when
-    that is every entry."""
-    start, stop = max(0, start), min(n, stop)
-    if start == 0 and stop >= n:
-        return None
-    if stop <= start:
-        return _RankSelection(0, 0, ())  # nothing: no key is strictly between 0 and 0
-    positions = ([start] if start > 0 else []) + ([stop - 1] if stop < n else [])
-    found = _keys_at(pieces, positions)
-    windows = []
-    for key, below, count in dict.fromkeys(found):  # one window when both ends share a key
-        # Tie ordinal t (index order) has ascending position below + count - 1 - t.
-        first = max(0, below + count - stop)
-        last = min(count, below + count - start)
-        windows.append(_TieWindow(key, count, first, max(first, last)))
-    low = found[0][0] if start > 0 else None
-    high = found[-1][0] if stop < n else None
-    return _RankSelection(low, high, tuple(windows))
-
-
-def _keys_at(pieces: Pieces, positions: list[int]) -> list[tuple[int, int, int]]:
-    """(key, entries with a smaller key, entries with this key) for the key at each ascending position.
-
-    Radix selection: a histogram of the keys' top 15 bits; for 32- and 64-bit keys, the entries in
-    the bins that hold a position are then gathered and sorted (a small fraction of the tensor).
-    """
-    hist: torch.Tensor | None = None
-    shift = 0
-    for piece in pieces():
-        keys = magnitude_keys(piece)
-        shift = keys.element_size() * 8 - 1 - _DIGIT_BITS
-        counts = torch.bincount(keys >> shift if shift else keys, minlength=1 << _DIGIT_BITS)
-        hist = counts if hist is None else hist.add_(counts)
-    assert hist is not None
-    hist = hist.cpu()
-    cumulative = hist.cumsum(0)
-    bins = [int(torch.searchsorted(cumulative, p, right=True)) for p in positions]
-    below_bin = {b: int(cumulative[b] - hist[b]) for b in bins}
-    if shift == 0:
-        return [(b, below_bin[b], int(hist[b])) for b in bins]
-
-    wanted = sorted(set(bins))
-    gathered: dict[int, list[torch.Tensor]] = {b: [] for b in wanted}
-    for piece in pieces():
-        keys = magnitude_keys(piece)
-        digits = keys >> shift
-        for b in wanted:
-            gathered[b].append(keys[digits == b])
-    found = []
-    for p, b in zip(positions, bins, strict=True):
-        in_bin = torch.sort(torch.cat(gathered[b]).cpu()).values
-        key = in_bin[p - below_bin[b]]
-        lo = int(torch.searchsorted(in_bin, key, right=False))
-        hi = int(torch.searchsorted(in_bin, key, right=True))
-        found.append((int(key), below_bin[b] + lo, hi - lo))
-    return found
-
-
-class _RankMasker:
-    """Applies a `_RankSelection` to a tensor's pieces in order, counting the ties already met."""
-
-    def __init__(self, selection: _RankSelection):
-        self.selection = selection
-        self.seen = [0] * len(selection.windows)
-
-    def __call__(self, piece: torch.Tensor) -> torch.Tensor:
-        """The piece with the unselected entries zeroed (bit masks: no comparisons, no branches)."""
-        keys = magnitude_keys(piece)
-        sign_shift = keys.element_size() * 8 - 1
-        low, high = self.selection.low, self.selection.high
-        partial: list[torch.Tensor] = []
-        for i, w in enumerate(self.selection.windows):
-            taken = self._ties_taken(i, w, keys, partial)
-            if taken == "all":  # widen the open interval to include the tied key
-                low = w.key - 1 if low == w.key else low
-                high = w.key + 1 if high == w.key else high
-        bits = torch.full_like(keys, -1) if low is None else (low - keys) >> sign_shift  # key > low
-        if high is not None and high <= torch.iinfo(keys.dtype).max:
-            bits &= (keys - high) >> sign_shift  # key < high
-        for positions in partial:
-            bits.index_fill_(0, positions, -1)
-        return _masked(piece, bits)
-
-    def _ties_taken(
-        self, i: int, w: _TieWindow, keys: torch.Tensor, partial: list[torch.Tensor]
-    ) -> str:
-        """'all' or 'none' of this piece's entries tied at `w.key` are kept, or 'some' (their
-        positions appended to `partial`)."""
-        seen = self.seen[i]
-        if w.stop <= w.first or seen >= w.stop:
-            return "none"
-        if seen >= w.first and w.stop == w.count:
-            return "all"
-        tied = keys == w.key
-        count = int(torch.count_nonzero(tied))
-        self.seen[i] = seen + count
-        first, stop = max(w.first - seen, 0), min(w.stop - seen, count)
-        if stop <= first:
-            return "none"
-        if first == 0 and stop == count:
-            return "all"
-        partial.append(tied.nonzero().reshape(-1)[first:stop])
-        return "some"
+# ---- selection by magnitude rank ----------------------------------------------------------
 
 
 def _by_rank(
@@ -473,7 +327,7 @@ def _by_rank(
         return None
     scale = None
     if rescale:
-        masker = _RankMasker(selection)
+        masker = RankMasker(selection)
         before = after = 0.0
         work: torch.dtype | None = None
         for piece in pieces():
@@ -481,7 +335,7 @@ def _by_rank(
             before += piece.abs().sum(dtype=torch.float64).item()
             after += masker(piece).abs().sum(dtype=torch.float64).item()
         scale = _l1_scale(before, after, work) if work is not None else None
-    masker = _RankMasker(selection)
+    masker = RankMasker(selection)
     if scale is None:
         return masker
     return lambda piece: masker(piece) * scale

@@ -21,11 +21,11 @@ from typing import Any
 import cma
 import numpy as np
 
+from evomerge.atomic import atomic_write_bytes
 from evomerge.errors import ConfigError
 from evomerge.optimize.base import (
     Candidate,
     OptimizerError,
-    atomic_write_bytes,
     check_point,
     check_values,
     derive_seed,

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
+from evomerge.atomic import atomic_write_text
 from evomerge.errors import CheckpointError
 from evomerge.zoo.corpus import Mixture
 from evomerge.zoo.model import ModelShape, new_model, parameter_count
@@ -196,7 +197,7 @@ def build(root: Path, design: ZooDesign, *, kind: str = "custom", force: bool = 
         "threads": threads,
         "versions": _versions(),
     }
-    _write_atomic(root / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     if progress:
         _print_accuracy(accuracy, build_seconds)
     return zoo
@@ -238,12 +239,6 @@ def _save_model(model: PreTrainedModel, out: Path) -> None:
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def _measure(zoo: Zoo) -> dict[str, dict[str, float]]:
