@@ -148,7 +148,8 @@ def build_setup(config: SearchConfig, *, device: str | None = None) -> SearchSet
         num_layers=reference.num_layers,
         tensor_names=reference.names,
         dtype=config.dtype,
-        tokenizer_source=tokenizer,
+        # the genome writes tokenizer_source as given ("base" too), as mergekit's genome does
+        tokenizer_source=tokenizer if space_class is SearchSpace else tokenizer or config.tokenizer_source,
     )
     all_models = tuple(dict.fromkeys([*([base] if base else []), *models]))
     worker = WorkerSetup(
