@@ -65,6 +65,8 @@ class EvolveGenome(_Strict):
                 raise ValueError("models: slerp picks two of them per layer group; give at least 2")
             if self.base_model is not None and self.base_model not in self.models:
                 raise ValueError("base_model: slerp merges two models; mergekit would add this one as a third source and fail")
+        if self.merge_method == "linear" and self.base_model is not None and self.base_model not in self.models:
+            raise ValueError("base_model: mergekit adds it to a linear merge without a weight and fails; list it in models or drop it")
         if self.tokenizer_source == "union":
             raise ValueError("tokenizer_source: 'union' is not supported by evomerge; use 'base' or a model")
         return self

@@ -103,6 +103,8 @@ class GenomeSpace:
                 raise ConfigError("models: slerp picks two of them per layer group; give at least 2")
             if self.base_model is not None and self.base_model not in self.models:
                 raise ConfigError("base_model: slerp merges two models; a base_model outside models would be a third source")
+        if method == "linear" and self.base_model is not None and self.base_model not in self.models:
+            raise ConfigError("base_model: a linear genome gives it no weight (mergekit fails); list it in models or drop it")
         g = config.layer_granularity
         if g is not None and self.num_layers % g:
             raise ConfigError(f"space.layer_granularity: {g} does not divide the models' {self.num_layers} layers")

@@ -31,7 +31,7 @@ def zoo(quick_zoo) -> dict[str, str]:
 def evolve_raw(zoo: dict[str, str], method: str, **genome) -> dict:
     models = [zoo["addition"], zoo["reversal"], zoo["shift"]]
     data = {"models": models, "merge_method": method, **genome}
-    if method != "slerp" and "base_model" not in genome:
+    if method in ("ties", "dare_ties", "task_arithmetic") and "base_model" not in genome:
         data["base_model"] = zoo["base"]
     tasks = [{"name": "zoo_addition_dev", "weight": 2.0, "metric": "acc,none"}, "zoo_reversal_dev"]
     return {"genome": data, "tasks": tasks, "limit": 8}
@@ -64,7 +64,7 @@ def rounded(obj, digits: int):
 
 CASES = {
     "linear": {},
-    "linear_no_base": {"base_model": None},
+    "linear_base_in_models": {"layer_granularity": 2},
     "linear_smooth_filters": {"smooth": True, "filters": ["self_attn", "mlp"], "layer_granularity": 1},
     "task_arithmetic_granularity": {"layer_granularity": 2},
     "task_arithmetic_negative": {"allow_negative_weights": True, "layer_granularity": 2},
@@ -82,9 +82,8 @@ def case_raw(zoo, name: str) -> dict:
     method = next(m for m in ("task_arithmetic", "dare_ties", "linear", "ties", "slerp") if name.startswith(m))
     genome = {k: v for k, v in CASES[name].items() if v is not None}
     raw = evolve_raw(zoo, method, **genome)
-    if CASES[name].get("base_model", "") is None:
-        raw["genome"].pop("base_model", None)
-    if name == "dare_ties_base_in_models":
+    if name in ("dare_ties_base_in_models", "linear_base_in_models"):
+        raw["genome"]["base_model"] = zoo["base"]
         raw["genome"]["models"].append(zoo["base"])
     return raw
 
@@ -233,6 +232,7 @@ def test_search_runs_an_evolve_config_as_it_is(zoo, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "genes are searched in bounded ranges" in result.output and "sum of |weight|" in result.output
+    assert "not applied by evomerge: apply_chat_template" in result.output
     trials = read_trials(run_dir)
     assert len(trials) == 3 and all(t["status"] == "ok" for t in trials)
     # trial 0 is mergekit's start point: weight 1/3, density 1 everywhere
@@ -249,3 +249,41 @@ def test_search_runs_an_evolve_config_as_it_is(zoo, tmp_path):
     mergekit_config = pytest.importorskip("mergekit.config")
     mergekit_config.MergeConfiguration.model_validate(documents[0])  # mergekit reads it
     assert Path(run_dir / "config.yaml").exists() and "genome" in yaml.safe_load((run_dir / "config.yaml").read_text())["space"]
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"tokenizer_source": "union"}, "genome.tokenizer_source"),
+        ({"merge_method": "slerp", "layer_granularity": 2}, "genome.base_model"),  # base outside models: a third source
+        ({"merge_method": "linear"}, "genome.base_model"),  # base outside models: a source without a weight
+        ({"models": []}, "genome.models"),
+    ],
+)
+def test_configs_mergekit_would_fail_on_later_are_refused_up_front(zoo, change, field):
+    raw = evolve_raw(zoo, "ties")
+    raw["genome"].update(change)
+    with pytest.raises(ConfigError, match=rf"{field}: "):
+        parse_evolve_config(raw)
+
+
+def test_weight_zero_task_is_refused(zoo):
+    raw = evolve_raw(zoo, "ties")
+    raw["tasks"][0]["weight"] = 0
+    with pytest.raises(ConfigError, match=r"tasks\.0\.weight: 0 adds nothing"):
+        parse_evolve_config(raw)
+
+
+def test_an_evolve_run_resumes_from_its_run_directory(zoo, tmp_path):
+    from evomerge.run import search
+
+    raw = evolve_raw(zoo, "linear", layer_granularity=4)
+    path = tmp_path / "evolve.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    run_dir = tmp_path / "run"
+    first = search(path, run_dir=run_dir, max_evals=2, workers=0, progress=False)
+    assert first.trials == 2
+    resumed = search(None, run_dir=run_dir, resume=True, max_evals=3, workers=0, progress=False)
+    trials = read_trials(run_dir)
+    assert resumed.trials == 3 and [t["id"] for t in trials] == [0, 1, 2]
+    assert (run_dir / "best_config.yaml").exists()
