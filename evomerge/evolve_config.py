@@ -150,8 +150,8 @@ def parse_evolve_config(raw: Any, *, origin: str = "<evolve config>") -> EvolveC
             msg = "unknown field"
         elif err["type"] == "missing":
             msg = "field required"
-        elif ": " in msg and loc and loc[-1] in ("genome", *_task_locs(raw)):
-            # a model-level rule names its own field: genome.base_model, tasks.0.weight
+        elif ": " in msg and (not loc or loc[-1] in ("genome", *_task_locs(raw))):
+            # a model-level rule names its own field: genome.base_model, tasks.0.weight, tasks
             sub, msg = msg.split(": ", 1)
             loc.append(sub)
         raise ConfigError(f"{origin}: {'.'.join(loc)}: {msg}") from None

@@ -267,6 +267,13 @@ def test_configs_mergekit_would_fail_on_later_are_refused_up_front(zoo, change, 
         parse_evolve_config(raw)
 
 
+def test_evolve_config_without_tasks_is_refused(zoo):
+    raw = evolve_raw(zoo, "ties")
+    raw["tasks"] = []
+    with pytest.raises(ConfigError, match=r"^<evolve config>: tasks: give at least one task$"):
+        parse_evolve_config(raw)
+
+
 def test_weight_zero_task_is_refused(zoo):
     raw = evolve_raw(zoo, "ties")
     raw["tasks"][0]["weight"] = 0
