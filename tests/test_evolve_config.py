@@ -18,8 +18,6 @@ from evomerge.recipe import Recipe
 from evomerge.run import read_trials
 from evomerge.search_config import parse_search_config
 
-genome_mod = pytest.importorskip("mergekit.evo.genome")
-pytestmark = pytest.mark.mergekit
 runner = CliRunner()
 
 
@@ -37,15 +35,19 @@ def evolve_raw(zoo: dict[str, str], method: str, **genome) -> dict:
     return {"genome": data, "tasks": tasks, "limit": 8}
 
 
-def build(raw: dict) -> tuple[GenomeSpace, object]:
-    """Our space (through the native config, as `evomerge search` builds it) and mergekit's genome."""
+def build(raw: dict) -> GenomeSpace:
+    """Our space, through the native config, as `evomerge search` builds it."""
     native = parse_search_config(native_config(parse_evolve_config(raw)))
-    space = GenomeSpace(
+    return GenomeSpace(
         native.space, models=native.models, base_model=native.base_model, num_layers=4,
         tokenizer_source=native.tokenizer_source,
     )
-    genome = genome_mod.ModelGenome(genome_mod.ModelGenomeDefinition.model_validate(raw["genome"]))
-    return space, genome
+
+
+def mergekit_genome(raw: dict):
+    """mergekit's own genome for the same config (the `mergekit` extra)."""
+    genome_mod = pytest.importorskip("mergekit.evo.genome")
+    return genome_mod.ModelGenome(genome_mod.ModelGenomeDefinition.model_validate(raw["genome"]))
 
 
 def mergekit_recipe(genome, genotype) -> dict:
@@ -88,9 +90,11 @@ def case_raw(zoo, name: str) -> dict:
     return raw
 
 
+@pytest.mark.mergekit
 @pytest.mark.parametrize("name", list(CASES))
 def test_start_point_decodes_to_mergekits_initial_genotype(zoo, name):
-    space, genome = build(case_raw(zoo, name))
+    raw = case_raw(zoo, name)
+    space, genome = build(raw), mergekit_genome(raw)
     x0 = genome.initial_genotype().view(-1).numpy()
     assert space.dim == x0.size
     assert space.initial_genotype() == pytest.approx(x0.tolist(), abs=1e-7)
@@ -99,9 +103,11 @@ def test_start_point_decodes_to_mergekits_initial_genotype(zoo, name):
     assert ours["parameters"]["int8_mask"] is True and ours["dtype"] == "bfloat16"
 
 
+@pytest.mark.mergekit
 @pytest.mark.parametrize("name", list(CASES))
 def test_hand_picked_genotypes_decode_as_mergekits_genome(zoo, name):
-    space, genome = build(case_raw(zoo, name))
+    raw = case_raw(zoo, name)
+    space, genome = build(raw), mergekit_genome(raw)
     n = space.dim
     picks = [
         np.linspace(-0.4, 1.7, n),  # negatives (abs), densities above 1 (clamp)
@@ -121,7 +127,7 @@ def test_hand_picked_genotypes_decode_as_mergekits_genome(zoo, name):
 def test_random_init_starts_from_uniform_genes_in_range(zoo):
     raw = evolve_raw(zoo, "ties", layer_granularity=2)
     raw["random_init"] = True
-    space, _ = build(raw)
+    space = build(raw)
     genes = space.initial_genotype(seed=3)
     assert genes == space.initial_genotype(seed=3) != space.initial_genotype(seed=4)
     assert all(0 <= g < 1 for g in genes) and len(set(genes)) == len(genes)
@@ -162,8 +168,6 @@ def test_bad_evolve_config_is_refused_as_mergekit_refuses_it(zoo, tmp_path, case
     raw = evolve_raw(zoo, "ties")
     raw["genome"].update(change)
     raw["genome"] = {k: v for k, v in raw["genome"].items() if v is not None}
-    with pytest.raises(Exception):  # noqa: B017 (mergekit raises AssertionError or pydantic's ValidationError)
-        genome_mod.ModelGenome(genome_mod.ModelGenomeDefinition.model_validate(raw["genome"]))
     path = tmp_path / "evolve.yaml"
     path.write_text(yaml.safe_dump(raw))
     for command in (["search", str(path), "--out", str(tmp_path / "run")], ["migrate", str(path)]):
@@ -172,6 +176,8 @@ def test_bad_evolve_config_is_refused_as_mergekit_refuses_it(zoo, tmp_path, case
         message = result.output.strip()
         assert "\n" not in message and f"{field}:" in message, message
     assert not (tmp_path / "run").exists()
+    with pytest.raises(Exception):  # noqa: B017 (mergekit raises AssertionError or pydantic's ValidationError)
+        mergekit_genome(raw)
 
 
 def test_unknown_evolve_field_is_refused(zoo):
@@ -235,10 +241,8 @@ def test_search_runs_an_evolve_config_as_it_is(zoo, tmp_path):
     assert "not applied by evomerge: apply_chat_template" in result.output
     trials = read_trials(run_dir)
     assert len(trials) == 3 and all(t["status"] == "ok" for t in trials)
-    # trial 0 is mergekit's start point: weight 1/3, density 1 everywhere
-    space, genome = build(raw)
-    x0 = genome.initial_genotype().view(-1).numpy()
-    assert rounded(trials[0]["recipe"], 6) == rounded(mergekit_recipe(genome, x0), 6)
+    space = build(raw)  # trial 0 is the genome's start point: weight 1/3, density 1 everywhere
+    assert rounded(trials[0]["recipe"], 9) == rounded(space.decode(space.start_point()).to_dict(), 9)
     # the fitness is the weighted mean (weights 2 and 1) of the two dev accuracies
     m = trials[0]["metrics"]
     assert trials[0]["fitness"] == pytest.approx((2 * m["zoo_addition_dev"]["acc"] + m["zoo_reversal_dev"]["acc"]) / 3)
