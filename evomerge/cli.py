@@ -1,4 +1,4 @@
-"""`evomerge search | merge | eval | export | report | zoo`: parse, build, run, clean up."""
+"""`evomerge search | merge | eval | export | report | migrate | zoo`: parse, build, run, clean up."""
 
 from __future__ import annotations
 
@@ -169,6 +169,63 @@ def eval_(
     print_scores({str(model): score})
     if json_out is not None:
         json_out.write_text(json.dumps({"fitness": score.fitness, "metrics": score.metrics}, indent=1))
+
+
+@app.command()
+@_friendly_errors
+def migrate(
+    config: Annotated[Path, typer.Argument(help="a mergekit-evolve config (genome: + tasks:)")],
+    out: Annotated[Path | None, typer.Option("--out", help="write the native config here instead of stdout")] = None,
+    max_fevals: Annotated[int, typer.Option("--max-fevals")] = 100,
+    vllm: Annotated[bool, typer.Option("--vllm/--no-vllm")] = False,
+    strategy: Annotated[str, typer.Option("--strategy", "-s", help="pool, buffered or serial")] = "pool",
+    in_memory: Annotated[bool, typer.Option("--in-memory/--no-in-memory")] = False,
+    storage_path: Annotated[str | None, typer.Option("--storage-path")] = None,
+    num_gpus: Annotated[int | None, typer.Option("--num-gpus")] = None,
+    merge_cuda: Annotated[bool, typer.Option("--merge-cuda/--no-merge-cuda")] = True,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code/--no-trust-remote-code")] = False,
+    allow_crimes: Annotated[bool, typer.Option("--allow-crimes/--no-allow-crimes")] = False,
+    random_seed: Annotated[int, typer.Option("--random-seed")] = 0,
+    batch_size: Annotated[int | None, typer.Option("--batch-size")] = None,
+    sigma0: Annotated[float, typer.Option("--sigma0")] = 1 / 6,
+    wandb: Annotated[bool, typer.Option("--wandb/--no-wandb")] = False,
+    wandb_project: Annotated[str | None, typer.Option("--wandb-project")] = None,
+    wandb_entity: Annotated[str | None, typer.Option("--wandb-entity")] = None,
+    task_search_path: Annotated[list[str] | None, typer.Option("--task-search-path")] = None,
+    allow_benchmark_tasks: Annotated[bool, typer.Option("--i-understand-the-depths-of-the-evils-i-am-unleashing")] = False,
+    save_final_model: Annotated[bool, typer.Option("--save-final-model/--no-save-final-model")] = True,
+    reshard: Annotated[bool, typer.Option("--reshard/--no-reshard")] = True,
+    timeout: Annotated[float | None, typer.Option("--timeout", help="seconds")] = None,
+    load_in_8bit: Annotated[bool, typer.Option("--load-in-8bit")] = False,
+    load_in_4bit: Annotated[bool, typer.Option("--load-in-4bit")] = False,
+    force_population_size: Annotated[int | None, typer.Option("--force-population-size")] = None,
+) -> None:
+    """Write the native search config for a mergekit-evolve config and the mergekit-evolve flags you ran it with."""
+    from evomerge.errors import ConfigError
+    from evomerge.evolve_config import EvolveFlags, load_evolve_file, migrate_text
+    from evomerge.search_config import parse_search_config
+
+    if strategy not in ("pool", "buffered", "serial"):
+        raise ConfigError(f"--strategy: '{strategy}' is not one of pool, buffered, serial")
+    flags = EvolveFlags(
+        max_fevals=max_fevals, vllm=vllm, strategy=strategy, in_memory=in_memory, storage_path=storage_path,
+        num_gpus=num_gpus, merge_cuda=merge_cuda, trust_remote_code=trust_remote_code, allow_crimes=allow_crimes,
+        random_seed=random_seed, batch_size=batch_size, sigma0=sigma0, wandb=wandb or bool(wandb_project or wandb_entity),
+        task_search_path=tuple(task_search_path or ()), save_final_model=save_final_model, reshard=reshard,
+        timeout=timeout, load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit,
+        force_population_size=force_population_size, allow_benchmark_tasks=allow_benchmark_tasks,
+    )
+    text = migrate_text(load_evolve_file(config), flags, source=str(config), target=str(out or "search.yaml"))
+    import yaml
+
+    parse_search_config(yaml.safe_load(text), origin="the migrated config")  # never write what search would refuse
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        from evomerge.run import atomic_write_text
+
+        atomic_write_text(out, text)
+        Console(stderr=True).print(f"wrote {out}: run it with [bold]evomerge search {out}[/]")
 
 
 zoo_app = typer.Typer(no_args_is_help=True, help="The built-in demo zoo of tiny trained models.")

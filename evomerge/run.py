@@ -3,6 +3,7 @@
 RUN_DIR/
   config.yaml      the config as given           trials.jsonl   one line per finished trial
   space.json       the knobs, in vector order    best.yaml      the best recipe so far (atomic)
+  best_config.yaml the same recipe, mergekit-runnable (mergekit-multi when slices mix methods)
   cma_state.pkl | study.db    optimizer state, saved after every update
 
 Resume (`--resume RUN_DIR`) reads all of it back: finished trials are never re-run, candidates
@@ -25,6 +26,7 @@ import yaml
 
 from evomerge.atomic import atomic_write_text
 from evomerge.errors import ConfigError
+from evomerge.genome_space import GenomeSpace
 from evomerge.io.reader import ModelReader
 from evomerge.optimize.base import Candidate, Optimizer
 from evomerge.optimize.registry import load_optimizer, make_optimizer, state_path
@@ -34,6 +36,7 @@ from evomerge.space import SearchSpace
 from evomerge.workers import Job, TrialResult, WorkerSetup, make_pool
 
 CONFIG_FILE, TRIALS_FILE, BEST_FILE, SPACE_FILE = "config.yaml", "trials.jsonl", "best.yaml", "space.json"
+MERGEKIT_BEST_FILE = "best_config.yaml"  # best.yaml in mergekit-runnable form (mergekit-evolve's name)
 
 
 # ---- model references ------------------------------------------------------------------
@@ -116,7 +119,7 @@ class SearchSetup:
     config: SearchConfig
     models: list[str]
     base_model: str | None
-    space: SearchSpace
+    space: SearchSpace | GenomeSpace
     worker: WorkerSetup
 
 
@@ -126,14 +129,16 @@ def build_setup(config: SearchConfig, *, device: str | None = None) -> SearchSet
     base = resolve_model(config.base_model) if config.base_model else None
     tokenizer = resolve_model(config.tokenizer_source) if config.tokenizer_source and config.tokenizer_source != "base" else None
     reference = ModelReader(Path(base or models[0]))
-    space = SearchSpace(
+    space_class = GenomeSpace if config.space.genome is not None else SearchSpace
+    space = space_class(
         config.space,
         models=models,
         base_model=base,
         num_layers=reference.num_layers,
         tensor_names=reference.names,
         dtype=config.dtype,
-        tokenizer_source=tokenizer,
+        # the genome writes tokenizer_source as given ("base" too), as mergekit's genome does
+        tokenizer_source=tokenizer if space_class is SearchSpace else tokenizer or config.tokenizer_source,
     )
     all_models = tuple(dict.fromkeys([*([base] if base else []), *models]))
     worker = WorkerSetup(
@@ -209,6 +214,8 @@ def search(
     done = {r["id"]: r for r in log.read()}
     retry = _reconcile(optimizer, done, config.optimizer.per_task)
     if not resume:
+        if isinstance(setup.space, GenomeSpace):  # mergekit-evolve's start: evaluated first, the CMA-ES mean
+            optimizer.enqueue(setup.space.start_point(config.seed))
         for item in config.warm_start:
             optimizer.enqueue(setup.space.encode(Recipe.from_dict(resolve_recipe_refs(item), origin="warm_start")))
 
@@ -232,7 +239,7 @@ def _quiet_libraries() -> None:
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
 
 
-def _optimizer(config: SearchConfig, space: SearchSpace, run_dir: Path, *, resume: bool) -> Optimizer:
+def _optimizer(config: SearchConfig, space: SearchSpace | GenomeSpace, run_dir: Path, *, resume: bool) -> Optimizer:
     opt = config.optimizer
     options = dict(opt.options)
     if opt.kind == "cma":
@@ -265,7 +272,7 @@ def _reconcile(optimizer: Optimizer, done: Mapping[int, Mapping[str, Any]], per_
 
 
 class _Loop:
-    def __init__(self, config: SearchConfig, space: SearchSpace, optimizer: Optimizer, log: TrialLog, run_dir: Path, done: dict[int, dict[str, Any]]):
+    def __init__(self, config: SearchConfig, space: SearchSpace | GenomeSpace, optimizer: Optimizer, log: TrialLog, run_dir: Path, done: dict[int, dict[str, Any]]):
         self.config, self.space, self.optimizer, self.log, self.run_dir = config, space, optimizer, log, run_dir
         self.done = done
         self.best: dict[str, Any] | None = max(
@@ -339,7 +346,11 @@ class _Loop:
         self.optimizer.tell(result.candidate_id, told_values(record, self.config.optimizer.per_task))
         if result.fitness is not None and (self.best is None or result.fitness > self.best["fitness"]):
             self.best = record
-            atomic_write_text(self.run_dir / BEST_FILE, Recipe.from_dict(recipe).to_yaml())
+            best = Recipe.from_dict(recipe)
+            atomic_write_text(self.run_dir / BEST_FILE, best.to_yaml())
+            from evomerge.export import dump_documents, to_mergekit_documents  # export imports run
+
+            atomic_write_text(self.run_dir / MERGEKIT_BEST_FILE, dump_documents(to_mergekit_documents(best)))
 
     def summary(self, interrupted: bool) -> RunSummary:
         failed = sum(1 for r in self.done.values() if r["status"] != "ok")

@@ -23,6 +23,15 @@ class KnobBounds(_Strict):
     log: bool | None = None
 
 
+class GenomeMapping(_Strict):
+    """Decode points as mergekit-evolve's genome does (evomerge/genome_space.py), not as the native space."""
+
+    smooth: bool = False  # one value per layer group, interpolated across the layers as a gradient
+    allow_negative_weights: bool = False
+    normalize: bool | None = None  # None: on for linear, ties and dare_ties (mergekit's default)
+    random_init: bool = False  # start from uniform [0, 1) genes instead of weight 1/n, density 1
+
+
 class SpaceConfig(_Strict):
     """Which knobs exist: per layer group, per model, per filter."""
 
@@ -32,6 +41,7 @@ class SpaceConfig(_Strict):
     knobs: dict[str, KnobBounds | None] = Field(min_length=1)  # searched parameters
     filters: list[str] = []  # separate knobs for tensors whose name contains each, plus one for the rest
     fixed: dict[str, Any] = {}  # fixed global parameter values
+    genome: GenomeMapping | None = None  # set: the mergekit-evolve genome's knobs and decoding
 
     @model_validator(mode="after")
     def _one_layout(self) -> SpaceConfig:
@@ -123,6 +133,10 @@ def load_search_config(path: str | Path) -> tuple[SearchConfig, dict[str, Any]]:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: malformed YAML: {' '.join(str(e).split())}") from None
+    if isinstance(raw, dict) and "genome" in raw:  # a mergekit-evolve config, run as it is
+        from evomerge.evolve_config import load_evolve_as_native
+
+        raw = load_evolve_as_native(raw, origin=str(path))
     return parse_search_config(raw, origin=str(path)), raw
 
 
