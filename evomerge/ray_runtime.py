@@ -99,7 +99,8 @@ def connect(address: str | None, num_cpus: int) -> RayConnection:
         return RayConnection(ray, owns_ray=True)
     # Ray turns token authentication on for a new local cluster and warns that it did so on every
     # start; saying so explicitly keeps the same behaviour without the warning.
-    os.environ.setdefault(AUTH_MODE_ENV, "token")
+    if AUTH_MODE_ENV not in os.environ:
+        _enable_token_auth()
     reaper = _start_reaper() if sys.platform.startswith("linux") else None
     try:
         ray.init(
@@ -158,12 +159,18 @@ def token_available() -> bool:
 def _use_token_if_available() -> None:
     """Turn token authentication on when a token is at hand and RAY_AUTH_MODE is unset, as `ray start`
     and `ray.init()` do for a local cluster (Ray skips this step when given an explicit address)."""
-    if AUTH_MODE_ENV in os.environ or not token_available():
-        return
-    os.environ[AUTH_MODE_ENV] = "token"
+    if AUTH_MODE_ENV not in os.environ and token_available():
+        _enable_token_auth()
+
+
+def _enable_token_auth() -> None:
+    """For this process and the Ray processes it starts (what Ray's own `_enable_token_auth` does)."""
     from ray._raylet import Config
 
-    Config.initialize("")  # Ray caches its config: let this process see the new mode too
+    os.environ[AUTH_MODE_ENV] = "token"
+    Config.initialize(
+        ""
+    )  # Ray caches its config when imported: let this process see the new mode too
 
 
 def _check_authentication(address: str) -> None:
