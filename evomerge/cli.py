@@ -91,25 +91,37 @@ def search(
     from evomerge.run import search as run_search
 
     console = Console()
-    summary = run_search(
-        config, run_dir=resume or out, resume=resume is not None, max_evals=max_evals, workers=workers,
-        ray_address=ray_address, num_gpus=num_gpus, device=device, progress=sys.stderr.isatty(),
-    )
+    try:
+        summary = run_search(
+            config, run_dir=resume or out, resume=resume is not None, max_evals=max_evals, workers=workers,
+            ray_address=ray_address, num_gpus=num_gpus, device=device, progress=sys.stderr.isatty(),
+        )
+    except KeyboardInterrupt:  # before the run directory was written: nothing to resume
+        err_console.print("interrupted (Ctrl-C) before the search started; nothing was written")
+        raise typer.Exit(code=130) from None
     best = f"best trial #{summary.best_id}: fitness {summary.best_fitness:.4f}" if summary.best_id is not None else "no successful trial"
     console.print(
-        f"{summary.trials} trials ({summary.failed} failed) in {summary.seconds:.0f} s; {best}; run directory [bold]{summary.run_dir}[/]"
+        f"{summary.trials} trials ({summary.failed} failed) in {summary.seconds:.0f} s; {best}; run directory [bold]{summary.run_dir}[/]",
+        soft_wrap=True,
     )
     if summary.interrupted:
-        console.print(f"interrupted: continue with [bold]evomerge search --resume {summary.run_dir}[/]")
+        console.print(f"interrupted (Ctrl-C): continue with [bold]evomerge search --resume {summary.run_dir}[/]", soft_wrap=True)
         raise typer.Exit(code=130)
-    if not no_save_best and summary.best_id is not None:
-        # the default place is the run's own: a resumed run replaces it; a directory the user named is never replaced
-        _materialize(summary.run_dir, None, save_best or summary.run_dir / BEST_MODEL_DIR, device, overwrite=save_best is None)
-    if not no_report:
-        from evomerge.report import make_report
+    try:
+        if not no_save_best and summary.best_id is not None:
+            # the default place is the run's own: a resumed run replaces it; a directory the user named is never replaced
+            _materialize(summary.run_dir, None, save_best or summary.run_dir / BEST_MODEL_DIR, device, overwrite=save_best is None)
+        if not no_report:
+            from evomerge.report import make_report
 
-        make_report(summary.run_dir, device=device, console=console)
-        console.print(f"report: {summary.run_dir / 'report.md'}")
+            make_report(summary.run_dir, device=device, console=console)
+            console.print(f"report: {summary.run_dir / 'report.md'}")
+    except KeyboardInterrupt:
+        console.print(
+            f"interrupted after the search, while writing the best model or the report: "
+            f"finish with [bold]evomerge search --resume {summary.run_dir}[/]", soft_wrap=True,
+        )
+        raise typer.Exit(code=130) from None
 
 
 @app.command()

@@ -204,6 +204,10 @@ def search(
         config = config.model_copy(update={"budget": config.budget.model_copy(update={"max_evals": max_evals})})
 
     setup = build_setup(config, device=device)
+    if ray_address and pool_factory is None:
+        from evomerge.ray_runtime import check_cluster
+
+        check_cluster(ray_address)
     _quiet_libraries()
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
@@ -222,11 +226,15 @@ def search(
     n_workers = config.workers if workers is None else workers
     factory = pool_factory or (lambda s, n: make_pool(s, n, address=ray_address, num_gpus=num_gpus))
     loop = _Loop(config, setup.space, optimizer, log, run_dir, done)
-    pool = factory(setup.worker, n_workers)
+    pool = None
     try:
+        pool = factory(setup.worker, n_workers)
         interrupted = loop.run(pool, retry, progress=progress)
+    except KeyboardInterrupt:  # while the workers start: the run directory is complete, it resumes
+        interrupted = True
     finally:
-        pool.close()
+        if pool is not None:
+            pool.close()
     return loop.summary(interrupted)
 
 

@@ -65,11 +65,13 @@ class CandidateEvaluator:
     def __init__(self, setup: WorkerSetup):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as transformers_logging
 
         from evomerge.evaluate import Scorer, TaskSpec
         from evomerge.io.reader import ModelReader
         from evomerge.merge import DTYPES, LoadedModel
 
+        transformers_logging.disable_progress_bar()  # a "Loading weights" bar per model is not the search's output
         if setup.threads:
             torch.set_num_threads(setup.threads)
         self.setup = setup
@@ -180,29 +182,35 @@ class RayPool:
         cpus_per_worker: int = 1,
         evaluator_cls: type[CandidateEvaluator] = CandidateEvaluator,
     ):
-        import ray
+        from evomerge.ray_runtime import connect
 
-        self._ray = ray
-        self._owns_ray = not ray.is_initialized()  # a Ray this pool started, it also shuts down
-        if self._owns_ray:
-            if address:
-                ray.init(address=address, log_to_driver=False)
-            else:
-                ray.init(num_cpus=max(n_workers * cpus_per_worker, 1), include_dashboard=False, log_to_driver=False)
-        elif not address:
+        self._connection = connect(address, num_cpus=max(n_workers * cpus_per_worker, 1))  # what it started, close() stops
+        self._ray = self._connection.ray
+        self._actors: list[Any] = []
+        self._idle: list[int] = []
+        self._running: dict[Any, tuple[int, Job]] = {}  # object ref -> (actor slot, job)
+        try:
+            self._start_workers(setup, n_workers, address, num_gpus, cpus_per_worker, evaluator_cls)
+        except BaseException:  # a bad setup or Ctrl-C: stop what was started
+            self.close()
+            raise
+
+    def _start_workers(
+        self, setup: WorkerSetup, n_workers: int, address: str | None, num_gpus: float, cpus_per_worker: int,
+        evaluator_cls: type[CandidateEvaluator],
+    ) -> None:
+        ray = self._ray
+        if not self._connection.owns_ray and not address:
             _check_local_resources(ray, n_workers * cpus_per_worker, n_workers * num_gpus)
         self._remote_cls = ray.remote(evaluator_cls).options(num_cpus=cpus_per_worker, num_gpus=num_gpus)
         self.setup = setup if setup.threads else _with_threads(setup, cpus_per_worker)
         self._actors = [self._remote_cls.remote(self.setup) for _ in range(n_workers)]
         self._idle = list(range(n_workers))
-        self._running: dict[Any, tuple[int, Job]] = {}  # object ref -> (actor slot, job)
         try:  # fail fast if workers cannot start
             ray.get([a.ping.remote() for a in self._actors], timeout=STARTUP_TIMEOUT_S)
         except ray.exceptions.RayActorError as e:  # the evaluator's constructor raised
-            self.close()
             raise _startup_error(e) from None
         except ray.exceptions.GetTimeoutError:
-            self.close()
             raise EvomergeError(
                 f"{n_workers} Ray worker(s) ({cpus_per_worker} CPU, {num_gpus:g} GPU each) did not start within "
                 f"{STARTUP_TIMEOUT_S} s; cluster resources: {ray.cluster_resources()}"
@@ -253,12 +261,13 @@ class RayPool:
         return self._ray.get([a.ping.remote() for a in self._actors])
 
     def close(self) -> None:
-        for actor in self._actors:
-            self._ray.kill(actor)
-        self._actors, self._running, self._idle = [], {}, []
-        if self._owns_ray:
-            self._ray.shutdown()
-            self._owns_ray = False
+        try:
+            if self._ray.is_initialized():
+                for actor in self._actors:
+                    self._ray.kill(actor)
+        finally:
+            self._actors, self._running, self._idle = [], {}, []
+            self._connection.close()
 
 
 def make_pool(

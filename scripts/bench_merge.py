@@ -1,16 +1,20 @@
 """Benchmark `evomerge merge` against `mergekit-yaml` on the same recipes, in one session.
 
-    python scripts/bench_merge.py [--repeats 3] [--hidden 768 --layers 12 --vocab 32000]
+    python scripts/bench_merge.py [--repeats 3] [--hidden 768 --layers 12 --vocab 32000] [--busy 2]
 
 Builds a random Llama base + 2 variants (~134M parameters each, bfloat16) once, then alternates
 evomerge and mergekit runs of a TIES and a linear recipe, and prints median wall time, their ratio,
 peak RSS of each child process, and throughput against a memory-copy floor measured in the same
 run (read every input tensor, write one output of the same size, no math).
+
+Then the TIES merge again, "loaded": with `--busy` CPU-bound neighbour processes (busy loops)
+running, as in a search, where workers merge while their neighbours score.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
@@ -18,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -85,6 +90,32 @@ def timed(cmd: list[str]) -> tuple[float, float]:
     return wall, usage.ru_maxrss / 1e6
 
 
+BUSY_LOOP = "while True: pass"
+
+
+def tool_command(tool: str, recipe_path: Path, out: Path, inputs: list[str], bin_dir: Path) -> list[str]:
+    if tool == "evomerge":
+        return [str(bin_dir / "evomerge"), "merge", str(recipe_path), "--out", str(out), "--device", "cpu", "-q"]
+    if tool == "mergekit":
+        return [str(bin_dir / "mergekit-yaml"), str(recipe_path), str(out), "--lazy-unpickle", "--quiet", "--no-write-model-card"]
+    out.mkdir()
+    return [sys.executable, "-c", FLOOR, *inputs, str(out)]
+
+
+@contextlib.contextmanager
+def busy_neighbours(count: int) -> Iterator[None]:
+    """`count` processes that keep CPUs busy while the block runs."""
+    procs = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(count)]
+    try:
+        if procs:
+            time.sleep(0.5)  # let them reach the CPUs
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
@@ -92,6 +123,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--busy", type=int, default=2, help="CPU-bound neighbours in the loaded case (0: skip it)")
     args = parser.parse_args()
 
     bin_dir = Path(sys.executable).parent
@@ -102,33 +134,31 @@ def main() -> None:
     paths = build_models(root, args.hidden, args.layers, args.vocab)
     size_gb = 3 * sum(f.stat().st_size for f in paths["a"].glob("*.safetensors")) / 1e9
 
+    cases = [(name, recipe, 0) for name, recipe in recipes(paths).items()]
+    if args.busy:
+        cases.append((f"ties+{args.busy}busy", recipes(paths)["ties"], args.busy))
     rows = []
-    for name, recipe in recipes(paths).items():
+    for name, recipe, busy in cases:
         path = root / f"{name}.yaml"
         path.write_text(yaml.safe_dump(recipe))
+        inputs = [str(paths["base"]), str(paths["a"]), str(paths["b"])] if "base_model" in recipe else [str(paths["a"]), str(paths["b"])]
         runs: dict[str, list[tuple[float, float]]] = {"evomerge": [], "mergekit": [], "floor": []}
         for _ in range(args.repeats):
             for tool in ("evomerge", "mergekit", "floor"):
                 out = root / f"out-{tool}"
                 shutil.rmtree(out, ignore_errors=True)
-                if tool == "evomerge":
-                    cmd = [str(bin_dir / "evomerge"), "merge", str(path), "--out", str(out), "--device", "cpu", "-q"]
-                elif tool == "mergekit":
-                    cmd = [str(mergekit), str(path), str(out), "--lazy-unpickle", "--quiet", "--no-write-model-card"]
-                else:
-                    out.mkdir()
-                    inputs = [str(paths["base"]), str(paths["a"]), str(paths["b"])] if name == "ties" else [str(paths["a"]), str(paths["b"])]
-                    cmd = [sys.executable, "-c", FLOOR, *inputs, str(out)]
-                runs[tool].append(timed(cmd))
+                cmd = tool_command(tool, path, out, inputs, bin_dir)
+                with busy_neighbours(busy):
+                    runs[tool].append(timed(cmd))
         med = {tool: statistics.median(w for w, _ in r) for tool, r in runs.items()}
         rss = {tool: max(m for _, m in r) for tool, r in runs.items()}
         rows.append((name, med, rss))
 
     print(f"\nCPU, {os.cpu_count()} cores, torch {torch.__version__}, {args.repeats} alternating runs, inputs {size_gb:.2f} GB")
-    print(f"{'recipe':8} {'evomerge s':>11} {'mergekit s':>11} {'speed-up':>9} {'floor s':>8} {'evomerge/floor':>15} {'RSS evomerge':>13} {'RSS mergekit':>13} {'RSS floor':>10}")
+    print(f"{'recipe':12} {'evomerge s':>11} {'mergekit s':>11} {'speed-up':>9} {'floor s':>8} {'evomerge/floor':>15} {'RSS evomerge':>13} {'RSS mergekit':>13} {'RSS floor':>10}")
     for name, med, rss in rows:
         print(
-            f"{name:8} {med['evomerge']:11.2f} {med['mergekit']:11.2f} {med['mergekit'] / med['evomerge']:8.2f}x "
+            f"{name:12} {med['evomerge']:11.2f} {med['mergekit']:11.2f} {med['mergekit'] / med['evomerge']:8.2f}x "
             f"{med['floor']:8.2f} {med['evomerge'] / med['floor']:14.2f}x {rss['evomerge']:11.2f}GB {rss['mergekit']:11.2f}GB {rss['floor']:8.2f}GB"
         )
     if args.workdir is None:
