@@ -254,6 +254,41 @@ def test_cma_resume_continues_ids_unfinished_members_and_the_same_search(tmp_pat
     assert resumed.ask(6) == expected_next
 
 
+def test_cma_resume_in_a_new_process_continues_the_same_search(tmp_path: Path) -> None:
+    """pycma keys genotypes by a hash Python salts per process: a resume is a new process."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    uninterrupted = make_optimizer("cma", DIM, seed=5, run_dir=None, popsize=6)
+    run_batches(uninterrupted, 3, 6)
+    expected = [c.x for c in uninterrupted.ask(6)]
+
+    crashed = make_optimizer("cma", DIM, seed=5, run_dir=tmp_path, popsize=6)
+    run_batches(crashed, 2, 6)
+    for c in crashed.ask(3):  # killed mid-generation: 3 members told, 3 never handed out
+        crashed.tell(c.id, (sphere(c.x),))
+    del crashed
+
+    script = f"""
+import json, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_optimize import sphere, ask_batch
+from evomerge.optimize import load_optimizer
+opt = load_optimizer("cma", {DIM}, seed=5, run_dir={str(tmp_path)!r}, popsize=6)
+for c in ask_batch(opt, 3):
+    opt.tell(c.id, (sphere(c.x),))
+print(json.dumps([c.x for c in opt.ask(6)]))
+"""
+    seed = "1" if os.environ.get("PYTHONHASHSEED") != "1" else "2"
+    out = subprocess.run(
+        [sys.executable, "-c", script], env={**os.environ, "PYTHONHASHSEED": seed},
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert [tuple(x) for x in json.loads(out)] == expected
+
+
 def test_cma_save_writes_a_loadable_file_atomically(tmp_path: Path) -> None:
     opt = make_optimizer("cma", DIM, seed=2, run_dir=None, popsize=6)
     run_batches(opt, 1, 6)
