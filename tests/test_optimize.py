@@ -76,7 +76,7 @@ FAST_OPTIONS = {
     "optuna-nsga2": {"population_size": 8},
     "random": {},
 }
-N_BATCHES = {"optuna-gp": 2}  # each GP suggestion fits a model: keep it short
+N_BATCHES = {"optuna-gp": 3}  # each GP suggestion fits a model: keep it short (2 is too few to rely on)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -327,8 +327,35 @@ def test_optuna_resume_keeps_finished_trials_and_offers_running_ones(tmp_path: P
         resumed.tell(c.id, (sphere(c.x),))
     (new,) = resumed.ask()
     assert new.id == 7
-    # Reseeded from (seed, finished trials): the resumed run does not replay trial 0's draw.
-    assert {f"x{i}": v for i, v in enumerate(new.x)} not in first_points
+    assert {f"x{i}": v for i, v in enumerate(new.x)} not in first_points  # no replayed draw
+
+
+@pytest.mark.parametrize("kind", ["random", "optuna-tpe", "optuna-cmaes", "optuna-nsga2"])
+def test_optuna_resume_asks_what_the_uninterrupted_study_asks(kind: str, tmp_path: Path) -> None:
+    n_objectives = 2 if kind == "optuna-nsga2" else 1
+    objective = two_objectives if n_objectives == 2 else one_objective
+    options = {**FAST_OPTIONS[kind], **({"n_startup_trials": 4} if kind == "optuna-tpe" else {})}
+
+    def make(run_dir: Path | None) -> Optimizer:
+        return make_optimizer(kind, DIM, seed=3, run_dir=run_dir, n_objectives=n_objectives, **options)
+
+    uninterrupted = make(None)
+    run_batches(uninterrupted, 14, 1, objective)
+    expected = [c.x for c in uninterrupted.unfinished() + [t for t in uninterrupted.ask(1)]]
+
+    crashed = make(tmp_path)
+    run_batches(crashed, 9, 1, objective)
+    lost = crashed.ask(1)  # asked, committed RUNNING, never told
+    del crashed
+    resumed = load_optimizer(kind, DIM, seed=3, run_dir=tmp_path, n_objectives=n_objectives, **options)
+    assert resumed.unfinished() == lost
+    for c in lost:
+        resumed.tell(c.id, objective(c.x))
+    run_batches(resumed, 4, 1, objective)
+    points = [tuple(t.params[f"x{i}"] for i in range(DIM)) for t in resumed.study.get_trials()]
+    first = [tuple(t.params[f"x{i}"] for i in range(DIM)) for t in uninterrupted.study.get_trials()]
+    assert points == first[: len(points)] and len(points) == 14
+    assert resumed.ask(1)[0].x == expected[0]
 
 
 def test_optuna_study_file_is_a_plain_optuna_study(tmp_path: Path) -> None:
