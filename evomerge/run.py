@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, SearchFailedError
 from evomerge.io.reader import ModelReader
 from evomerge.optimize.base import Candidate, Optimizer
 from evomerge.optimize.registry import load_optimizer, make_optimizer, state_path
@@ -231,6 +231,8 @@ def search(
         interrupted = loop.run(pool, retry, progress=progress)
     finally:
         pool.close()
+    if loop.best is None and not interrupted:
+        raise SearchFailedError(loop.failure_message())
     return loop.summary(interrupted)
 
 
@@ -351,6 +353,12 @@ class _Loop:
         if result.fitness is not None and (self.best is None or result.fitness > self.best["fitness"]):
             self.best = record
             atomic_write_text(self.run_dir / BEST_FILE, Recipe.from_dict(recipe).to_yaml())
+
+    def failure_message(self) -> str:
+        """One line for a search in which no candidate scored."""
+        first = min((r for r in self.done.values() if r["status"] != "ok"), key=lambda r: r["id"], default=None)
+        cause = f"; first error (trial #{first['id']}): {first['error']}" if first else ""
+        return f"no candidate scored in {len(self.done)} trials (run directory {self.run_dir}){cause}"
 
     def summary(self, interrupted: bool) -> RunSummary:
         failed = sum(1 for r in self.done.values() if r["status"] != "ok")
