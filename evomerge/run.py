@@ -6,8 +6,9 @@ RUN_DIR/
   cma_state.pkl | study.db    optimizer state, saved after every update
 
 Resume (`--resume RUN_DIR`) reads all of it back: finished trials are never re-run, candidates
-that were in flight when the run stopped are evaluated again, and the budget counts every
-finished trial, so a resumed run ends where an uninterrupted one would have.
+that were in flight when the run stopped are evaluated again (the optimizer state holds every
+candidate from the moment it is asked, before any worker sees it), and the budget counts every
+finished trial, so a resumed run asks the same points and ends where an uninterrupted one would.
 """
 
 from __future__ import annotations
