@@ -21,3 +21,9 @@ class ConfigError(EvomergeError):
 
 class ScoringError(EvomergeError):
     """A task, metric or model cannot be scored as asked."""
+
+
+class SearchFailedError(EvomergeError):
+    """A search ran to its end and no candidate scored: nothing to export or report."""
+
+    exit_code = 1

@@ -8,6 +8,10 @@ and turns the responses into metrics with the task's own `apply_filters`, `proce
 and `aggregation` -- the steps `lm_eval.evaluator.evaluate` takes, minus the rebuilding. No
 response is ever cached across calls (no `CachingLM`, no request cache), so new weights always
 get new answers.
+
+A model whose log-likelihoods are not finite (NaN or overflowing weights) is not scored: it still
+yields an accuracy (argmax over NaNs), so `score` raises a `ScoringError` instead. Task sets that
+ask for no log-likelihood (generation only) get one probe request, so such models fail there too.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ NO_FILTER = "none"
 MAIN_METRIC = ""  # TaskSpec.metric for "the task's main metric"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 _SPEC_KEYS = frozenset({"name", "metric", "weight", "higher_is_better"})
+_LOGLIKELIHOOD_TYPES = ("loglikelihood", "loglikelihood_rolling")
 
 
 @dataclass(frozen=True)
@@ -179,6 +184,7 @@ class Scorer:
             self.task_manager = _task_manager(names, include_paths, include_defaults)
             self.tasks = {name: self._prepare(name, limit, samples) for name in names}
         self.terms = [self._term(spec) for spec in self.specs]
+        self._probe = self._finiteness_probe()
 
     # -- set-up (once) -------------------------------------------------------------------
 
@@ -217,6 +223,32 @@ class Scorer:
         filters = [f["name"] for f in task.config.filter_list or []] or [NO_FILTER]
         metric_keys = {metric_key(m, f): (m, f) for m in task.higher_is_better() for f in filters}
         return _PreparedTask(name, task, [doc for _, doc in docs], groups, metric_keys)
+
+    def _finiteness_probe(self) -> Instance | None:
+        """One log-likelihood request (the first document's prompt and target) for task sets with none."""
+        from lm_eval.api.instance import Instance
+
+        instances = [inst for p in self.tasks.values() for inst in p.task.instances]
+        if any(inst.request_type in _LOGLIKELIHOOD_TYPES for inst in instances):
+            return None
+        prepared = next((p for p in self.tasks.values() if p.groups and p.groups[0]), None)
+        if prepared is None:
+            return None
+        first = prepared.groups[0][0]
+        context = str(first.arguments[0])
+        target = prepared.task.doc_to_target(prepared.docs[0])
+        if isinstance(target, list):
+            target = target[0] if target else ""
+        continuation = f"{prepared.task.config.target_delimiter or ''}{target}"
+        if not continuation.strip():  # no usable target: the prompt's last character
+            context, continuation = context[:-1], context[-1:]
+        return Instance(
+            request_type="loglikelihood",
+            doc=prepared.docs[0],
+            arguments=(context, continuation),
+            idx=0,
+            metadata=(prepared.name, first.doc_id, 1),
+        )
 
     def _term(self, spec: TaskSpec) -> tuple[TaskSpec, str, float]:
         """(spec, the metric key it names, +1 if higher is better else -1); validates the metric."""
@@ -320,8 +352,12 @@ class Scorer:
         for request_type, instances in by_type.items():
             cloned = [inst for inst in instances for _ in range(inst.repeats)]
             responses = getattr(lm, request_type)(cloned, disable_tqdm=True)
+            if request_type in _LOGLIKELIHOOD_TYPES:
+                _check_finite(cloned, responses)
             for response, inst in zip(responses, cloned, strict=True):
                 inst.resps.append(response)
+        if self._probe is not None:
+            _check_finite([self._probe], lm.loglikelihood([self._probe], disable_tqdm=True))
         return {name: _task_metrics(prepared) for name, prepared in self.tasks.items()}
 
     def close(self) -> None:
@@ -365,6 +401,18 @@ def _hflm_class() -> type:
             return list(self._token_memo[key])
 
     return TokenMemoHFLM
+
+
+def _check_finite(instances: Sequence[Instance], responses: Sequence[Any]) -> None:
+    """Log-likelihood responses (`(logprob, is_greedy)` or a bare logprob) must all be finite."""
+    values = [float(r[0] if isinstance(r, (tuple, list)) else r) for r in responses]
+    bad = [(inst, v) for inst, v in zip(instances, values, strict=True) if not math.isfinite(v)]
+    if bad:
+        inst, value = bad[0]
+        raise ScoringError(
+            f"task {inst.task_name}: {len(bad)} of {len(values)} log-likelihoods are not finite "
+            f"(document {inst.doc_id}: {value}); the model's weights overflow or hold NaN"
+        )
 
 
 def _task_metrics(prepared: _PreparedTask) -> dict[str, float]:

@@ -7,8 +7,9 @@ RUN_DIR/
   cma_state.pkl | study.db    optimizer state, saved after every update
 
 Resume (`--resume RUN_DIR`) reads all of it back: finished trials are never re-run, candidates
-that were in flight when the run stopped are evaluated again, and the budget counts every
-finished trial, so a resumed run ends where an uninterrupted one would have.
+that were in flight when the run stopped are evaluated again (the optimizer state holds every
+candidate from the moment it is asked, before any worker sees it), and the budget counts every
+finished trial, so a resumed run asks the same points and ends where an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 import yaml
 
 from evomerge.atomic import atomic_write_text
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, SearchFailedError
 from evomerge.genome_space import GenomeSpace
 from evomerge.io.reader import ModelReader
 from evomerge.optimize.base import Candidate, Optimizer
@@ -235,6 +236,8 @@ def search(
     finally:
         if pool is not None:
             pool.close()
+    if loop.best is None and not interrupted:
+        raise SearchFailedError(loop.failure_message())
     return loop.summary(interrupted)
 
 
@@ -359,6 +362,12 @@ class _Loop:
             from evomerge.export import dump_documents, to_mergekit_documents  # export imports run
 
             atomic_write_text(self.run_dir / MERGEKIT_BEST_FILE, dump_documents(to_mergekit_documents(best)))
+
+    def failure_message(self) -> str:
+        """One line for a search in which no candidate scored."""
+        first = min((r for r in self.done.values() if r["status"] != "ok"), key=lambda r: r["id"], default=None)
+        cause = f"; first error (trial #{first['id']}): {first['error']}" if first else ""
+        return f"no candidate scored in {len(self.done)} trials (run directory {self.run_dir}){cause}"
 
     def summary(self, interrupted: bool) -> RunSummary:
         failed = sum(1 for r in self.done.values() if r["status"] != "ok")

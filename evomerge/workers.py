@@ -12,12 +12,15 @@ import os
 import socket
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import CheckpointError, EvomergeError, ScoringError
+
+if TYPE_CHECKING:
+    from evomerge.evaluate import Score
 
 STARTUP_TIMEOUT_S = 300  # building a worker loads every input model: minutes for large ones
 
@@ -60,7 +63,12 @@ class TrialResult:
 
 
 class CandidateEvaluator:
-    """Holds the input models on its device and a live model whose weights each candidate replaces."""
+    """Holds the input models on its device and a live model whose weights each candidate replaces.
+
+    A score never reads weights another candidate left behind: every load replaces every tensor
+    the reference checkpoint holds (all names and shapes are checked before the first copy), and
+    a load that fails half-way puts the reference weights back before anything else happens.
+    """
 
     def __init__(self, setup: WorkerSetup):
         import torch
@@ -89,6 +97,15 @@ class CandidateEvaluator:
             backend=setup.backend,
         )
         self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self._reference = ModelReader(setup.reference_model)
+        live = self.model.state_dict()
+        # tied tensors (lm_head = embed_tokens) share storage: loading either name sets both
+        by_storage: dict[int, list[str]] = {}
+        for name, tensor in live.items():
+            by_storage.setdefault(tensor.data_ptr(), []).append(name)
+        self._ties = {name: tuple(names) for names in by_storage.values() for name in names}
+        self._required = [n for n in self._reference.names if n in live]  # what a load must cover
+        self._dirty = False  # the live model holds a half-copied state
 
     def evaluate(self, job: Job) -> TrialResult:
         from evomerge.merge import merge_to_state_dict
@@ -101,7 +118,7 @@ class CandidateEvaluator:
             state = merge_to_state_dict(recipe, self.sources, device=self.device, seed=self.setup.seed)
             self.load_weights(state)
             merge_seconds = time.perf_counter() - t0
-            score = self.scorer.score(self.model, self.tokenizer)
+            score = self._score_live()
         except Exception as e:  # a failed candidate must not stop the search
             return TrialResult(
                 job.candidate_id, "failed", None, error=_one_line(e), merge_seconds=merge_seconds,
@@ -113,31 +130,71 @@ class CandidateEvaluator:
             job.candidate_id, "ok", score.fitness, score.metrics, None, merge_seconds, score.seconds, self.name, score.objectives
         )
 
-    def load_weights(self, state: Mapping[str, Any]) -> None:
-        """Copy merged tensors into the live model in place (tied weights come along)."""
+    def load_weights(self, state: Mapping[str, Any], *, source: str = "the merge") -> None:
+        """Copy every tensor of the live model from `state`, in place (tied weights come along).
+
+        Checked before the first copy: each name has a place in the model, each shape fits, and
+        no tensor of the model is left out (it would keep the last candidate's values).
+        """
+        live = self.model.state_dict()
+        self._check_names(state, source)
+        for name, tensor in state.items():
+            if live[name].shape != tensor.shape:
+                raise CheckpointError(f"tensor {name} of {source} has shape {list(tensor.shape)}, the model expects {list(live[name].shape)}")
+        try:
+            self._copy(live, state)
+        except BaseException:
+            self._restore_reference()
+            raise
+
+    def _check_names(self, names: Iterable[str], source: str) -> None:
+        live = self.model.state_dict()
+        names = set(names)
+        unexpected = sorted(n for n in names if n not in live)
+        if unexpected:
+            raise CheckpointError(f"tensor {unexpected[0]} of {source} has no place in {self.setup.reference_model}")
+        covered = {alias for n in names for alias in self._ties[n]}
+        missing = [n for n in self._required if n not in covered]
+        if missing:
+            raise CheckpointError(f"{source} has no tensor {missing[0]}, which the model being scored needs")
+
+    def _copy(self, live: Mapping[str, Any], state: Mapping[str, Any]) -> None:
         import torch
 
-        live = self.model.state_dict()
-        unexpected = [k for k in state if k not in live]
-        if unexpected:
-            raise EvomergeError(f"merged tensor {unexpected[0]} has no place in {self.setup.reference_model}")
+        self._dirty = True
         with torch.no_grad():
             for name, tensor in state.items():
-                target = live[name]
-                if target.shape != tensor.shape:
-                    raise EvomergeError(f"merged tensor {name} has shape {list(tensor.shape)}, the model expects {list(target.shape)}")
-                target.copy_(tensor)
+                live[name].copy_(tensor)
+        self._dirty = False
+
+    def _restore_reference(self) -> None:
+        """Put the reference checkpoint's weights back (after a copy that failed half-way)."""
+        from evomerge.merge import DTYPES
+
+        dtype = DTYPES[self.setup.dtype]
+        reference = {n: self._reference.get(n, dtype=dtype, device=self.device) for n in self._required}
+        self._copy(self.model.state_dict(), reference)
+
+    def _score_live(self) -> Score:
+        if self._dirty:  # only if restoring the reference failed too
+            raise ScoringError("the live model holds a half-loaded candidate; it is not scored")
+        return self.scorer.score(self.model, self.tokenizer)
 
     def score_model_dir(self, path: str) -> TrialResult:
-        """Score weights read from a model directory (the report's source models)."""
+        """Score weights read from a model directory (the report's source models).
+
+        The directory must hold every tensor of the live model; it is refused before any is read.
+        """
         from evomerge.io.reader import ModelReader
         from evomerge.merge import DTYPES
 
         t0 = time.perf_counter()
         reader = ModelReader(Path(path))
+        source = f"model directory {path}"
+        self._check_names(reader.names, source)
         dtype = DTYPES[self.setup.dtype]
-        self.load_weights({n: reader.get(n, dtype=dtype, device=self.device) for n in reader.names})
-        score = self.scorer.score(self.model, self.tokenizer)
+        self.load_weights({n: reader.get(n, dtype=dtype, device=self.device) for n in reader.names}, source=source)
+        score = self._score_live()
         return TrialResult(-1, "ok", score.fitness, score.metrics, None, time.perf_counter() - t0 - score.seconds, score.seconds, self.name)
 
     def ping(self) -> str:

@@ -76,7 +76,7 @@ FAST_OPTIONS = {
     "optuna-nsga2": {"population_size": 8},
     "random": {},
 }
-N_BATCHES = {"optuna-gp": 2}  # each GP suggestion fits a model: keep it short
+N_BATCHES = {"optuna-gp": 3}  # each GP suggestion fits a model: keep it short (2 is too few to rely on)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -254,6 +254,41 @@ def test_cma_resume_continues_ids_unfinished_members_and_the_same_search(tmp_pat
     assert resumed.ask(6) == expected_next
 
 
+def test_cma_resume_in_a_new_process_continues_the_same_search(tmp_path: Path) -> None:
+    """pycma keys genotypes by a hash Python salts per process: a resume is a new process."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    uninterrupted = make_optimizer("cma", DIM, seed=5, run_dir=None, popsize=6)
+    run_batches(uninterrupted, 3, 6)
+    expected = [c.x for c in uninterrupted.ask(6)]
+
+    crashed = make_optimizer("cma", DIM, seed=5, run_dir=tmp_path, popsize=6)
+    run_batches(crashed, 2, 6)
+    for c in crashed.ask(3):  # killed mid-generation: 3 members told, 3 never handed out
+        crashed.tell(c.id, (sphere(c.x),))
+    del crashed
+
+    script = f"""
+import json, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_optimize import sphere, ask_batch
+from evomerge.optimize import load_optimizer
+opt = load_optimizer("cma", {DIM}, seed=5, run_dir={str(tmp_path)!r}, popsize=6)
+for c in ask_batch(opt, 3):
+    opt.tell(c.id, (sphere(c.x),))
+print(json.dumps([c.x for c in opt.ask(6)]))
+"""
+    seed = "1" if os.environ.get("PYTHONHASHSEED") != "1" else "2"
+    out = subprocess.run(
+        [sys.executable, "-c", script], env={**os.environ, "PYTHONHASHSEED": seed},
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert [tuple(x) for x in json.loads(out)] == expected
+
+
 def test_cma_save_writes_a_loadable_file_atomically(tmp_path: Path) -> None:
     opt = make_optimizer("cma", DIM, seed=2, run_dir=None, popsize=6)
     run_batches(opt, 1, 6)
@@ -292,8 +327,35 @@ def test_optuna_resume_keeps_finished_trials_and_offers_running_ones(tmp_path: P
         resumed.tell(c.id, (sphere(c.x),))
     (new,) = resumed.ask()
     assert new.id == 7
-    # Reseeded from (seed, finished trials): the resumed run does not replay trial 0's draw.
-    assert {f"x{i}": v for i, v in enumerate(new.x)} not in first_points
+    assert {f"x{i}": v for i, v in enumerate(new.x)} not in first_points  # no replayed draw
+
+
+@pytest.mark.parametrize("kind", ["random", "optuna-tpe", "optuna-cmaes", "optuna-nsga2"])
+def test_optuna_resume_asks_what_the_uninterrupted_study_asks(kind: str, tmp_path: Path) -> None:
+    n_objectives = 2 if kind == "optuna-nsga2" else 1
+    objective = two_objectives if n_objectives == 2 else one_objective
+    options = {**FAST_OPTIONS[kind], **({"n_startup_trials": 4} if kind == "optuna-tpe" else {})}
+
+    def make(run_dir: Path | None) -> Optimizer:
+        return make_optimizer(kind, DIM, seed=3, run_dir=run_dir, n_objectives=n_objectives, **options)
+
+    uninterrupted = make(None)
+    run_batches(uninterrupted, 14, 1, objective)
+    expected = [c.x for c in uninterrupted.unfinished() + [t for t in uninterrupted.ask(1)]]
+
+    crashed = make(tmp_path)
+    run_batches(crashed, 9, 1, objective)
+    lost = crashed.ask(1)  # asked, committed RUNNING, never told
+    del crashed
+    resumed = load_optimizer(kind, DIM, seed=3, run_dir=tmp_path, n_objectives=n_objectives, **options)
+    assert resumed.unfinished() == lost
+    for c in lost:
+        resumed.tell(c.id, objective(c.x))
+    run_batches(resumed, 4, 1, objective)
+    points = [tuple(t.params[f"x{i}"] for i in range(DIM)) for t in resumed.study.get_trials()]
+    first = [tuple(t.params[f"x{i}"] for i in range(DIM)) for t in uninterrupted.study.get_trials()]
+    assert points == first[: len(points)] and len(points) == 14
+    assert resumed.ask(1)[0].x == expected[0]
 
 
 def test_optuna_study_file_is_a_plain_optuna_study(tmp_path: Path) -> None:

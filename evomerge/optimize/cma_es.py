@@ -8,6 +8,12 @@ only the members not yet handed out (possibly none).
 The strategy owns its random stream (pycma's ``randn`` option bound to a private
 ``RandomState``), so other code reseeding numpy's global RNG (lm-eval does) cannot
 change which points are sampled, and a pickled strategy resumes the same stream.
+
+A generation in progress is saved as the strategy *before* its ``es.ask`` plus the points
+injected into it; loading replays that ask. pycma keys each sampled solution's genotype by
+``hash(x.tobytes())``, which Python salts per process, so a strategy pickled after its ask
+and unpickled in another process cannot find its own genotypes and ``es.tell`` would update
+from approximations of them: the resumed run would leave the uninterrupted run's path.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from evomerge.optimize.base import (
     derive_seed,
 )
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2
 # A failed member's cost is the generation's worst told cost plus this margin (at least):
 # pycma only ranks costs, so any value above the worst ranks it last.
 FAILURE_MARGIN = 1.0
@@ -70,6 +76,8 @@ class CmaOptimizer:
         self._queue: list[tuple[float, ...]] = []  # enqueued points waiting for a generation
         self._generation: list[Candidate] = []
         self._solutions: list[np.ndarray] = []  # what es.ask returned, for es.tell
+        self._es_before_ask: bytes | None = None  # the generation's strategy before es.ask
+        self._injected: list[tuple[float, ...]] = []  # the enqueued points in this generation
         self._handed_out = 0
         self._told: dict[int, tuple[float, ...] | None] = {}
         self._next_id = 0
@@ -153,13 +161,11 @@ class CmaOptimizer:
     def _start_generation(self) -> None:
         if self._es is None:
             self._es = self._new_strategy()
-        es = self._es
-        injected = self._queue[: es.popsize]
-        del self._queue[: es.popsize]
-        # pycma injects genotypes; the inverse bound transform makes the sampled
-        # phenotype land exactly on the enqueued point, boundary points included.
-        es.inject([es.boundary_handler.inverse(np.asarray(x)) for x in injected], force=True)
-        self._solutions = list(es.ask())
+        injected = self._queue[: self._es.popsize]
+        del self._queue[: self._es.popsize]
+        self._es_before_ask = pickle.dumps(self._es, protocol=pickle.HIGHEST_PROTOCOL)
+        self._injected = injected
+        self._solutions = _sample(self._es, injected)
         points = [*injected, *(_clip_to_cube(s) for s in self._solutions[len(injected) :])]
         self._generation = [Candidate(self._next_id + i, x) for i, x in enumerate(points)]
         self._next_id += len(points)
@@ -171,6 +177,7 @@ class CmaOptimizer:
         costs = generation_costs([self._told[c.id] for c in self._generation])
         self._es.tell(self._solutions, costs)
         self._generation, self._solutions, self._handed_out, self._told = [], [], 0, {}
+        self._es_before_ask, self._injected = None, []
 
     def _handed_out_member(self, candidate_id: int) -> Candidate:
         for member in self._generation[: self._handed_out]:
@@ -189,7 +196,10 @@ class CmaOptimizer:
         state = {
             "format": STATE_FORMAT,
             "settings": asdict(self.settings),
-            "es": self._es,
+            # mid-generation: the strategy before its ask (see the module docstring)
+            "es": None if self._generation else self._es,
+            "es_before_ask": self._es_before_ask if self._generation else None,
+            "injected": self._injected,
             "queue": self._queue,
             "generation": self._generation,
             "solutions": self._solutions,
@@ -216,10 +226,16 @@ class CmaOptimizer:
         if saved != settings:
             raise ConfigError(f"{path}: saved cma run used {saved}, resume asked for {settings}")
         opt = cls(saved, path if autosave else None)
-        opt._es = state["es"]
         opt._queue = state["queue"]
         opt._generation = state["generation"]
-        opt._solutions = state["solutions"]
+        if opt._generation:
+            opt._es_before_ask, opt._injected = state["es_before_ask"], state["injected"]
+            opt._es = pickle.loads(opt._es_before_ask)
+            opt._solutions = _sample(opt._es, opt._injected)
+            if not all(np.array_equal(a, b) for a, b in zip(opt._solutions, state["solutions"], strict=True)):
+                raise OptimizerError(f"{path}: replaying the saved generation gave other points")
+        else:
+            opt._es = state["es"]
         opt._handed_out = state["handed_out"]
         opt._told = state["told"]
         opt._next_id = state["next_id"]
@@ -229,6 +245,14 @@ class CmaOptimizer:
     def _autosave(self) -> None:
         if self._state_path is not None:
             self.save(self._state_path)
+
+
+def _sample(es: cma.CMAEvolutionStrategy, injected: Sequence[tuple[float, ...]]) -> list[np.ndarray]:
+    """One generation's solutions: the injected points first, then sampled ones."""
+    # pycma injects genotypes; the inverse bound transform makes the sampled
+    # phenotype land exactly on the enqueued point, boundary points included.
+    es.inject([es.boundary_handler.inverse(np.asarray(x)) for x in injected], force=True)
+    return list(es.ask())
 
 
 def generation_costs(told: Sequence[tuple[float, ...] | None]) -> list[float]:

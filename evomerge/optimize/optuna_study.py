@@ -10,6 +10,10 @@ With a run directory the study lives in ``run_dir/study.db`` (SQLite; optuna-das
 reads it), and every ask and tell is committed as it happens, which is what makes a
 resume possible. Trials a crashed run asked but never told stay RUNNING in the file;
 after a resume ``unfinished()`` offers them again.
+
+Each ``ask`` samples with a sampler seeded from (seed, trials in the study so far), not
+from one random stream that lives only in memory: a resumed run, given the same tells,
+asks exactly the points the uninterrupted run would have asked.
 """
 
 from __future__ import annotations
@@ -93,13 +97,23 @@ class OptunaOptimizer:
     """An Optuna study driven through ``ask``/``tell`` by trial number."""
 
     def __init__(
-        self, kind: str, dim: int, n_objectives: int, study: optuna.Study, db: Path | None
+        self,
+        kind: str,
+        dim: int,
+        n_objectives: int,
+        study: optuna.Study,
+        db: Path | None,
+        *,
+        seed: int,
+        options: dict[str, Any],
     ) -> None:
         self.name = kind
         self.dim = dim
         self.n_objectives = n_objectives
         self.study = study
         self._db = db
+        self._seed = seed
+        self._options = dict(options)
         self._distributions = {f"x{i}": FloatDistribution(0.0, 1.0) for i in range(dim)}
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         self._pending: dict[int, Candidate] = {t.number: self._candidate(t) for t in running}
@@ -125,12 +139,12 @@ class OptunaOptimizer:
             db.parent.mkdir(parents=True, exist_ok=True)
         study = optuna.create_study(
             storage=None if db is None else _sqlite_url(db),
-            sampler=SAMPLERS[kind](seed=derive_seed(seed, 0), **options),
+            sampler=_sampler(kind, seed, 0, options),
             study_name=STUDY_NAME,
             directions=["maximize"] * n_objectives,
         )
         study.set_user_attr(DIM_ATTR, dim)
-        return cls(kind, dim, n_objectives, study, db)
+        return cls(kind, dim, n_objectives, study, db, seed=seed, options=options)
 
     @classmethod
     def load(
@@ -143,7 +157,7 @@ class OptunaOptimizer:
         n_objectives: int,
         options: dict[str, Any],
     ) -> OptunaOptimizer:
-        """Reopen ``run_dir/study.db``; the sampler is reseeded from (seed, finished trials)."""
+        """Reopen ``run_dir/study.db``; it goes on asking what the first run would have."""
         check_sampler(kind, n_objectives, options)
         db = Path(run_dir) / STUDY_FILE
         if not db.is_file():
@@ -160,11 +174,8 @@ class OptunaOptimizer:
                 f"{db}: study has {len(study.directions)} objective(s), "
                 f"resume asked for {n_objectives}"
             )
-        # A fresh seed per resume point: the resumed run must not replay the random
-        # stream the first run already used.
-        n_finished = len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
-        study.sampler = SAMPLERS[kind](seed=derive_seed(seed, n_finished), **options)
-        return cls(kind, dim, n_objectives, study, db)
+        study.sampler = _sampler(kind, seed, len(study.get_trials(deepcopy=False)), options)
+        return cls(kind, dim, n_objectives, study, db, seed=seed, options=options)
 
     # -- ask / tell -------------------------------------------------------------------
 
@@ -173,6 +184,8 @@ class OptunaOptimizer:
             raise OptimizerError(f"ask(n) needs n >= 0, got {n}")
         asked = []
         for _ in range(n):
+            n_trials = len(self.study.get_trials(deepcopy=False))
+            self.study.sampler = _sampler(self.name, self._seed, n_trials, self._options)
             trial = self.study.ask(self._distributions)
             candidate = Candidate(trial.number, tuple(trial.params[k] for k in self._distributions))
             self._pending[candidate.id] = candidate
@@ -252,6 +265,11 @@ class OptunaOptimizer:
 
     def _candidate(self, trial: FrozenTrial) -> Candidate:
         return Candidate(trial.number, tuple(float(trial.params[f"x{i}"]) for i in range(self.dim)))
+
+
+def _sampler(kind: str, seed: int, n_trials: int, options: dict[str, Any]) -> BaseSampler:
+    """The sampler for the study's next trial: its seed depends on how many trials came before."""
+    return SAMPLERS[kind](seed=derive_seed(seed, n_trials), **options)
 
 
 def _sqlite_url(path: Path) -> str:
