@@ -20,7 +20,13 @@ from evomerge.model_refs import resolve_model, resolve_recipe_refs
 from evomerge.recipe import Recipe
 from evomerge.search_config import SearchConfig, SpaceConfig
 from evomerge.space import Knob, SearchSpace
-from evomerge.task_index import TaskIndex, TaskSpec, build_task_index, resolve_specs
+from evomerge.task_index import (
+    TaskIndex,
+    TaskSpec,
+    UnknownTaskError,
+    build_task_index,
+    resolve_specs,
+)
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 # config.json fields that must agree across the models of one search (None: the field is absent)
@@ -208,7 +214,8 @@ def _check_decodes(space: SearchSpace) -> None:
 def _check_recipe(where: str, item: Any, inputs: set[str], num_layers: int) -> Recipe:
     """A warm start or baseline: a valid recipe that reads only the search's input models."""
     with field(where):
-        recipe = Recipe.from_dict(resolve_recipe_refs(item), origin="recipe")
+        data = resolve_recipe_refs(item)
+    recipe = Recipe.from_dict(data, origin=where)
     for model in recipe.referenced_models():
         if str(Path(model).expanduser().resolve()) not in inputs:
             raise ConfigError(
@@ -227,14 +234,13 @@ def check_tasks(
 ) -> dict[str, list[TaskSpec]]:
     """Every task and metric against one lm-eval task index; each field's specs, resolved."""
     names = list(dict.fromkeys(spec.name for specs in fields.values() for spec in specs))
-    index = _quiet_index(lambda: build_task_index([], include_paths, include_defaults=False))
-    if any(name not in index.manager.task_index for name in names):  # lm-eval's own tasks too
-        index = _quiet_index(lambda: build_task_index([], include_paths, include_defaults=True))
+    try:
+        index = _quiet_index(lambda: build_task_index(names, include_paths))
+    except UnknownTaskError as e:
+        where = next(f"{w}[{i}]" for w, specs in fields.items() for i, spec in enumerate(specs) if spec.name == e.name)
+        raise ConfigError(f"{where}: {e}") from None
     out = {}
     for where, specs in fields.items():
-        for i, spec in enumerate(specs):
-            with field(f"{where}[{i}]"):
-                index.check_known(spec.name)
         with field(where):
             out[where] = resolve_specs(specs, index)
     return out

@@ -9,7 +9,9 @@ dataset is loaded, so checking a whole config against it takes seconds.
 from __future__ import annotations
 
 import difflib
+import functools
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +42,14 @@ def metric_key(metric: str, filter_name: str) -> str:
     CLI lists.
     """
     return metric if filter_name == NO_FILTER else f"{metric}/{filter_name}"
+
+
+class UnknownTaskError(ScoringError):
+    """A name that is no task, group or tag of the index."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(message)
+        self.name = name
 
 
 @dataclass(frozen=True)
@@ -144,7 +154,7 @@ class TaskIndex:
             if close
             else f"; searched {', '.join(self.searched) or 'no local task folder'}"
         )
-        raise ScoringError(f"unknown task {name!r}{hint}")
+        raise UnknownTaskError(name, f"unknown task {name!r}{hint}")
 
     def kind(self, name: str) -> Literal["task", "group", "tag"]:
         from lm_eval.tasks._index import Kind
@@ -236,7 +246,16 @@ def build_task_index(
             raise ScoringError(f"task include path is not a directory: {path}")
     local_paths = [str(p) for p in paths if p.is_dir()]
     manager = TaskManager(include_path=local_paths, include_defaults=bool(include_defaults))
-    if include_defaults is None and any(name not in manager.all_tasks for name in names):
+    missing = [name for name in names if name not in manager.all_tasks]
+    if include_defaults is None and missing:
+        # Indexing lm-eval's ~14,000 YAMLs takes half a minute; a name that no YAML even
+        # mentions is unknown without it.
+        text, mentioned = _lm_eval_yaml_names()
+        for name in missing:
+            if name not in text:
+                close = difflib.get_close_matches(name, [*manager.all_tasks, *mentioned], n=5, cutoff=0.6)
+                hint = f"; close names: {', '.join(close)}" if close else f"; searched {', '.join(local_paths)} and lm-eval's tasks"
+                raise UnknownTaskError(name, f"unknown task {name!r}{hint}")
         manager = TaskManager(include_path=local_paths, include_defaults=True)
     index = TaskIndex(manager, tuple(local_paths))
     for name in names:
@@ -286,3 +305,15 @@ def resolve_specs(specs: Sequence[TaskSpec], index: TaskIndex) -> list[TaskSpec]
             seen.add((part.name, part.metric))
             resolved.append(part)
     return resolved
+
+
+@functools.cache
+def _lm_eval_yaml_names() -> tuple[str, list[str]]:
+    """All of lm-eval's task YAMLs as one text, and the task/group/tag names they declare on one line."""
+    import lm_eval.tasks
+
+    root = Path(lm_eval.tasks.__file__).parent
+    texts = [p.read_text(errors="ignore") for p in sorted(root.rglob("*.yaml"))]
+    declared = re.compile(r"^\s*(?:task|group|tag)\s*:\s*[\"']?([A-Za-z0-9_.:-]+)", re.MULTILINE)
+    names = sorted({name for text in texts for name in declared.findall(text)})
+    return "\n".join(texts), names
