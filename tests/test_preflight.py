@@ -34,7 +34,12 @@ def broken(zoo, tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("broken")
     source = Path(zoo["addition"])
 
-    def variant(name: str, config_edit: dict | None = None, drop: str | None = None, with_config: bool = True) -> str:
+    def variant(
+        name: str,
+        config_edit: dict | None = None,
+        drop: str | None = None,
+        with_config: bool = True,
+    ) -> str:
         out = root / name
         shutil.copytree(source, out)
         if not with_config:
@@ -78,31 +83,130 @@ def _set(config: dict, dotted: str, value) -> dict:
 
 # (case, {dotted field: new value} using {zoo names} / {broken names} in strings, what the one line says)
 CASES = [
-    ("model path missing", {"models.1": "/nowhere/model"}, "models[1]: /nowhere/model does not exist"),
+    (
+        "model path missing",
+        {"models.1": "/nowhere/model"},
+        "models[1]: /nowhere/model does not exist",
+    ),
     ("no config.json", {"models.0": "{no_config}"}, "models[0]: {no_config} has no config.json"),
-    ("hidden_size differs", {"models.2": "{wide}"}, "models[2] ({wide}): config.json hidden_size=256, the base's is 128"),
-    ("layer count differs", {"models.2": "{deep}"}, "models[2] ({deep}): config.json has 6 layers, the base 4"),
-    ("tensor missing", {"models.1": "{holey}"}, "models[1] ({holey}): tensor model.layers.1.mlp.up_proj.weight is missing"),
-    ("tokenizer_source missing", {"tokenizer_source": "/nowhere/tok"}, "tokenizer_source: /nowhere/tok does not exist"),
-    ("unknown task", {"tasks.1": "zoo_reversal_dve"}, "tasks[1]: unknown task 'zoo_reversal_dve'; close names: zoo_reversal_dev"),
-    ("metric not reported", {"tasks.0": "zoo_addition_dev:exact_match"}, "tasks: task zoo_addition_dev does not report metric exact_match (it reports: acc)"),
-    ("duplicate task", {"tasks.2": "zoo_addition_dev"}, "tasks: task zoo_addition_dev: metric acc is listed twice"),
-    ("task alone and in its group", {"tasks.2": "zoo_dev"}, "tasks: task zoo_addition_dev is listed twice (through zoo_addition_dev and zoo_dev)"),
-    ("task_paths folder missing", {"task_paths": ["/nowhere/tasks"]}, "task_paths[0]: folder not found: /nowhere/tasks"),
-    ("unknown test task", {"test_tasks.0": "zoo_addition_tset"}, "test_tasks[0]: unknown task 'zoo_addition_tset'"),
-    ("knob above its range", {"space.knobs.density": {"high": 1.5}}, "space.knobs.density.high=1.5 is outside density's range [0, 1] (ties)"),
-    ("knob below its range", {"space.knobs.density": {"low": -0.1}}, "space.knobs.density.low=-0.1 is outside density's range [0, 1] (ties)"),
-    ("unknown knob", {"space.knobs.densty": None}, "space.knobs.densty: unknown parameter 'densty' for ties; valid: density, int8_mask"),
-    ("inverted knob bounds", {"space.knobs.weight": {"low": 1.0, "high": 0.5}}, "space.knobs.weight: space.knobs.weight: needs finite bounds low <= high"),
-    ("log knob with low 0", {"space.methods": ["multislerp"], "space.knobs": {"weight": None, "eps": {"low": 0.0}}}, "space.knobs.eps.low=0 is outside eps's range (0, inf) (multislerp)"),
-    ("knob that decodes to 0", {"space.methods": ["multislerp"], "space.knobs": {"weight": None, "eps": {"low": 1e-12, "high": 1e-9, "log": False}}}, "space.knobs.eps: the range [1e-12, 1e-09] decodes to eps=0, outside eps's range (0, inf) (multislerp)"),
-    ("unknown fixed parameter", {"space.fixed": {"bogus_param": 1}}, "space.fixed.bogus_param: unknown parameter 'bogus_param' for ties; valid: density"),
-    ("fixed value out of range", {"space.fixed": {"lambda": "big"}}, "space.fixed.lambda='big' must be a number (ties)"),
-    ("baseline with a bad parameter", {"baselines.ties.models.0.parameters": {"weight": 0.3, "densty": 0.5}}, "baselines.ties: models[0] ('{addition}').parameters: merge_method 'ties' has no parameter 'densty'"),
-    ("baseline value out of range", {"baselines.ties.models.0.parameters": {"weight": 0.3, "density": 1.5}}, "density=1.5 for baselines.ties: models[0] ('{addition}').parameters.density is outside [0, 1] (ties)"),
-    ("baseline reads another model", {"baselines.linear.models.0.model": "{no_config}"}, "baselines.linear: model {no_config} is not one of the search's models or base_model"),
-    ("warm start with a bad parameter", {"warm_start.0.models.0.parameters": {"weight": 0.5, "dens": 0.5}}, "warm_start[0]: models[0] ('{addition}').parameters: merge_method 'ties' has no parameter 'dens'"),
-    ("warm start reads another model", {"warm_start.0.models.0.model": "{base}"}, "warm_start[0]: model {base} is not one of"),
+    (
+        "hidden_size differs",
+        {"models.2": "{wide}"},
+        "models[2] ({wide}): config.json hidden_size=256, the base's is 128",
+    ),
+    (
+        "layer count differs",
+        {"models.2": "{deep}"},
+        "models[2] ({deep}): config.json has 6 layers, the base 4",
+    ),
+    (
+        "tensor missing",
+        {"models.1": "{holey}"},
+        "models[1] ({holey}): tensor model.layers.1.mlp.up_proj.weight is missing",
+    ),
+    (
+        "tokenizer_source missing",
+        {"tokenizer_source": "/nowhere/tok"},
+        "tokenizer_source: /nowhere/tok does not exist",
+    ),
+    (
+        "unknown task",
+        {"tasks.1": "zoo_reversal_dve"},
+        "tasks[1]: unknown task 'zoo_reversal_dve'; close names: zoo_reversal_dev",
+    ),
+    (
+        "metric not reported",
+        {"tasks.0": "zoo_addition_dev:exact_match"},
+        "tasks: task zoo_addition_dev does not report metric exact_match (it reports: acc)",
+    ),
+    (
+        "duplicate task",
+        {"tasks.2": "zoo_addition_dev"},
+        "tasks: task zoo_addition_dev: metric acc is listed twice",
+    ),
+    (
+        "task alone and in its group",
+        {"tasks.2": "zoo_dev"},
+        "tasks: task zoo_addition_dev is listed twice (through zoo_addition_dev and zoo_dev)",
+    ),
+    (
+        "task_paths folder missing",
+        {"task_paths": ["/nowhere/tasks"]},
+        "task_paths[0]: folder not found: /nowhere/tasks",
+    ),
+    (
+        "unknown test task",
+        {"test_tasks.0": "zoo_addition_tset"},
+        "test_tasks[0]: unknown task 'zoo_addition_tset'",
+    ),
+    (
+        "knob above its range",
+        {"space.knobs.density": {"high": 1.5}},
+        "space.knobs.density.high=1.5 is outside density's range [0, 1] (ties)",
+    ),
+    (
+        "knob below its range",
+        {"space.knobs.density": {"low": -0.1}},
+        "space.knobs.density.low=-0.1 is outside density's range [0, 1] (ties)",
+    ),
+    (
+        "unknown knob",
+        {"space.knobs.densty": None},
+        "space.knobs.densty: unknown parameter 'densty' for ties; valid: density, int8_mask",
+    ),
+    (
+        "inverted knob bounds",
+        {"space.knobs.weight": {"low": 1.0, "high": 0.5}},
+        "space.knobs.weight: space.knobs.weight: needs finite bounds low <= high",
+    ),
+    (
+        "log knob with low 0",
+        {"space.methods": ["multislerp"], "space.knobs": {"weight": None, "eps": {"low": 0.0}}},
+        "space.knobs.eps.low=0 is outside eps's range (0, inf) (multislerp)",
+    ),
+    (
+        "knob that decodes to 0",
+        {
+            "space.methods": ["multislerp"],
+            "space.knobs": {"weight": None, "eps": {"low": 1e-12, "high": 1e-9, "log": False}},
+        },
+        "space.knobs.eps: the range [1e-12, 1e-09] decodes to eps=0, outside eps's range (0, inf) (multislerp)",
+    ),
+    (
+        "unknown fixed parameter",
+        {"space.fixed": {"bogus_param": 1}},
+        "space.fixed.bogus_param: unknown parameter 'bogus_param' for ties; valid: density",
+    ),
+    (
+        "fixed value out of range",
+        {"space.fixed": {"lambda": "big"}},
+        "space.fixed.lambda='big' must be a number (ties)",
+    ),
+    (
+        "baseline with a bad parameter",
+        {"baselines.ties.models.0.parameters": {"weight": 0.3, "densty": 0.5}},
+        "baselines.ties: models[0] ('{addition}').parameters: merge_method 'ties' has no parameter 'densty'",
+    ),
+    (
+        "baseline value out of range",
+        {"baselines.ties.models.0.parameters": {"weight": 0.3, "density": 1.5}},
+        "density=1.5 for baselines.ties: models[0] ('{addition}').parameters.density is outside [0, 1] (ties)",
+    ),
+    (
+        "baseline reads another model",
+        {"baselines.linear.models.0.model": "{no_config}"},
+        "baselines.linear: model {no_config} is not one of the search's models or base_model",
+    ),
+    (
+        "warm start with a bad parameter",
+        {"warm_start.0.models.0.parameters": {"weight": 0.5, "dens": 0.5}},
+        "warm_start[0]: models[0] ('{addition}').parameters: merge_method 'ties' has no parameter 'dens'",
+    ),
+    (
+        "warm start reads another model",
+        {"warm_start.0.models.0.model": "{wide}"},
+        "warm_start[0]: model {wide} is not one of",
+    ),
     ("unknown field", {"optimzer": {}}, "optimzer: unknown field"),
     ("task spec typo", {"tasks.0": {"name": "zoo_addition_dev", "wieght": 2}}, "tasks: task spec"),
 ]
@@ -119,7 +223,9 @@ def _fill(value, names: dict[str, str]):
 
 
 @pytest.mark.parametrize(("edits", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_malformed_search_config_fails_in_one_line_before_any_work(edits, expected, zoo, broken, tmp_path, capfd):
+def test_malformed_search_config_fails_in_one_line_before_any_work(
+    edits, expected, zoo, broken, tmp_path, capfd
+):
     names = {**zoo, **broken}
     config = demo_like(zoo)
     for dotted, value in edits.items():
@@ -128,7 +234,9 @@ def test_malformed_search_config_fails_in_one_line_before_any_work(edits, expect
     path.write_text(yaml.safe_dump(config))
     run_dir = tmp_path / "run"
     started = time.perf_counter()
-    result = runner.invoke(app, ["search", str(path), "--out", str(run_dir), "--workers", "2"])
+    # (a case the check missed would run a cheap in-process search and fail the asserts below)
+    args = ["--workers", "0", "--max-evals", "1", "--no-save-best", "--no-report"]
+    result = runner.invoke(app, ["search", str(path), "--out", str(run_dir), *args])
     seconds = time.perf_counter() - started
     lines = result.output.strip().splitlines()
     assert result.exit_code == 2, result.output
@@ -176,34 +284,87 @@ def test_search_preflight_runs_before_the_pool_starts(zoo, tmp_path):
 
 
 def test_recipe_with_an_unknown_parameter_lists_the_valid_ones():
-    with pytest.raises(RecipeError, match=r"models\[0\] \('a'\)\.parameters: merge_method 'ties' has no parameter 'densty'; valid: density, int8_mask, lambda, normalize, rescale, weight"):
-        Recipe.from_dict({"merge_method": "ties", "base_model": "b", "models": [{"model": "a", "parameters": {"weight": 1, "densty": 0.5}}]})
+    with pytest.raises(
+        RecipeError,
+        match=r"models\[0\] \('a'\)\.parameters: merge_method 'ties' has no parameter 'densty'; valid: density, int8_mask, lambda, normalize, rescale, weight",
+    ):
+        Recipe.from_dict(
+            {
+                "merge_method": "ties",
+                "base_model": "b",
+                "models": [{"model": "a", "parameters": {"weight": 1, "densty": 0.5}}],
+            }
+        )
     # a global parameter read by only one of the recipe's methods is fine; one no method reads is not
     slices = [
-        {"merge_method": "ties", "sources": [{"model": "b", "layer_range": [0, 1]}, {"model": "a", "layer_range": [0, 1], "parameters": {"weight": 1}}]},
-        {"merge_method": "linear", "sources": [{"model": "a", "layer_range": [1, 2], "parameters": {"weight": 1}}]},
+        {
+            "merge_method": "ties",
+            "sources": [
+                {"model": "b", "layer_range": [0, 1]},
+                {"model": "a", "layer_range": [0, 1], "parameters": {"weight": 1}},
+            ],
+        },
+        {
+            "merge_method": "linear",
+            "sources": [{"model": "a", "layer_range": [1, 2], "parameters": {"weight": 1}}],
+        },
     ]
-    Recipe.from_dict({"merge_method": "ties", "base_model": "b", "slices": slices, "parameters": {"lambda": 1.0}})
-    with pytest.raises(RecipeError, match=r"parameters: merge_method 'ties' or 'linear' has no parameter 'lamda'"):
-        Recipe.from_dict({"merge_method": "ties", "base_model": "b", "slices": slices, "parameters": {"lamda": 1.0}})
+    Recipe.from_dict(
+        {"merge_method": "ties", "base_model": "b", "slices": slices, "parameters": {"lambda": 1.0}}
+    )
+    with pytest.raises(
+        RecipeError, match=r"parameters: merge_method 'ties' or 'linear' has no parameter 'lamda'"
+    ):
+        Recipe.from_dict(
+            {
+                "merge_method": "ties",
+                "base_model": "b",
+                "slices": slices,
+                "parameters": {"lamda": 1.0},
+            }
+        )
 
 
 def test_one_task_spec_rule_in_search_configs_and_eval():
-    config = parse_search_config({"models": ["a"], "space": {"methods": ["linear"], "knobs": {"weight": None}}, "tasks": ["t", {"name": "u"}, "v:acc_norm"]})
+    config = parse_search_config(
+        {
+            "models": ["a"],
+            "space": {"methods": ["linear"], "knobs": {"weight": None}},
+            "tasks": ["t", {"name": "u"}, "v:acc_norm"],
+        }
+    )
     assert config.tasks == [TaskSpec("t"), TaskSpec("u"), TaskSpec("v", "acc_norm")]
     assert TaskSpec.parse("t") == TaskSpec.parse({"name": "t"}) == TaskSpec("t", "")
 
 
 def test_merge_preflight_names_the_model(zoo, broken, tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "models": [{"model": zoo["addition"], "parameters": {"weight": 1}}, {"model": broken["holey"], "parameters": {"weight": 1}}]}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "linear",
+                "models": [
+                    {"model": zoo["addition"], "parameters": {"weight": 1}},
+                    {"model": broken["holey"], "parameters": {"weight": 1}},
+                ],
+            }
+        )
+    )
     result = runner.invoke(app, ["merge", str(recipe), "--out", str(tmp_path / "out")])
-    assert result.exit_code == 2 and "tensor model.layers.1.mlp.up_proj.weight is missing in model" in result.output
+    assert (
+        result.exit_code == 2
+        and "tensor model.layers.1.mlp.up_proj.weight is missing in model" in result.output
+    )
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
 def test_eval_preflight_names_the_task(zoo, broken):
-    result = runner.invoke(app, ["eval", zoo["addition"], "--tasks", "zoo_addition_dev:exact_match"])
-    assert result.exit_code == 2 and "--tasks: task zoo_addition_dev does not report metric exact_match" in result.output
+    result = runner.invoke(
+        app, ["eval", zoo["addition"], "--tasks", "zoo_addition_dev:exact_match"]
+    )
+    assert (
+        result.exit_code == 2
+        and "--tasks: task zoo_addition_dev does not report metric exact_match" in result.output
+    )
     result = runner.invoke(app, ["eval", broken["no_config"], "--tasks", "zoo_addition_dev"])
     assert result.exit_code == 2 and "has no config.json" in result.output
