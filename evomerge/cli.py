@@ -152,7 +152,7 @@ def report(
 @_friendly_errors
 def eval_(
     model: Annotated[Path, typer.Argument(help="model directory (safetensors + tokenizer)")],
-    tasks: Annotated[str, typer.Option("--tasks", help="comma-separated task[:metric] names")],
+    tasks: Annotated[str, typer.Option("--tasks", help="comma-separated task[:metric] names (tasks, lm-eval groups or tags)")],
     limit: Annotated[int | None, typer.Option("--limit", help="samples per task")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the metrics here")] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda")] = None,

@@ -106,8 +106,7 @@ def _check_space_config(space: SpaceConfig) -> None:
         owners = _owners(methods, name, f"space.knobs.{name}")
         for method in owners:
             spec = method.param(name)
-            with field(f"space.knobs.{name}"):
-                low, high, log, kind = SearchSpace._bounds(spec, override)
+            low, high, log, kind = SearchSpace._bounds(spec, override)  # names the knob itself
             for end, value in (
                 ("low", override.low if override else None),
                 ("high", override.high if override else None),

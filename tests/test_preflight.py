@@ -157,7 +157,7 @@ CASES = [
     (
         "inverted knob bounds",
         {"space.knobs.weight": {"low": 1.0, "high": 0.5}},
-        "space.knobs.weight: space.knobs.weight: needs finite bounds low <= high",
+        "error: space.knobs.weight: needs finite bounds low <= high, got [1.0, 0.5]",
     ),
     (
         "log knob with low 0",

@@ -98,6 +98,7 @@ def test_group_aggregate_equals_lm_eval_simple_evaluate(group, group_dir, model)
     assert score.metrics[group]["acc"] == pytest.approx(reference[group]["acc,none"], rel=1e-12)
     assert score.fitness == score.metrics[group]["acc"]  # the group counts as its aggregate
     big, small = score.metrics["ev_g_big"]["acc"], score.metrics["ev_g_small"]["acc"]
+    assert big != small  # so that weighting by size shows
     expected = (24 * big + 10 * small) / 34 if group == "ev_sized" else (big + small) / 2
     assert score.metrics[group]["acc"] == pytest.approx(expected, rel=1e-12)
 
