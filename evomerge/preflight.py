@@ -292,7 +292,7 @@ def check_merge(recipe: Recipe, *, allow_pickle: bool = False) -> None:
             elif not (
                 tensor_role(name) == "head" and readers[m].config.get("tie_word_embeddings", False)
             ):
-                raise ConfigError(f"tensor {name} is missing in model {m}")
+                raise ConfigError(f"tensor {name} not found in model '{m}'")
         if len({s[1:] if is_vocab_tensor(task.out_name) else s for s in shapes.values()}) > 1:
             detail = ", ".join(f"'{m}' {list(s)}" for m, s in shapes.items())
             raise ConfigError(f"tensor {task.out_name}: shapes differ between models: {detail}")

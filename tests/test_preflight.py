@@ -353,7 +353,7 @@ def test_merge_preflight_names_the_model(zoo, broken, tmp_path):
     result = runner.invoke(app, ["merge", str(recipe), "--out", str(tmp_path / "out")])
     assert (
         result.exit_code == 2
-        and "tensor model.layers.1.mlp.up_proj.weight is missing in model" in result.output
+        and "tensor model.layers.1.mlp.up_proj.weight not found in model" in result.output
     )
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
