@@ -55,9 +55,11 @@ def merge(
 ) -> None:
     """Merge models as a recipe says and write a Hugging Face model directory."""
     from evomerge.merge import merge_to_disk
+    from evomerge.preflight import check_merge
     from evomerge.recipe import Recipe
 
     parsed = Recipe.load(recipe)
+    check_merge(parsed, allow_pickle=allow_pickle)
     plan = merge_to_disk(
         parsed,
         out,
@@ -162,7 +164,7 @@ def report(
 @_friendly_errors
 def eval_(
     model: Annotated[Path, typer.Argument(help="model directory (safetensors + tokenizer)")],
-    tasks: Annotated[str, typer.Option("--tasks", help="comma-separated task[:metric] names")],
+    tasks: Annotated[str, typer.Option("--tasks", help="comma-separated task[:metric] names (tasks, lm-eval groups or tags)")],
     limit: Annotated[int | None, typer.Option("--limit", help="samples per task")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the metrics here")] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda")] = None,
@@ -173,9 +175,12 @@ def eval_(
     import json
 
     from evomerge.evaluate import print_scores, score_model_dir
+    from evomerge.preflight import check_eval
+    from evomerge.task_index import TaskSpec
 
+    specs = check_eval(model, [TaskSpec.parse(t) for t in tasks.split(",") if t], include_path or ())
     score = score_model_dir(
-        model, [t for t in tasks.split(",") if t], limit=limit, device=_device(device), batch_size=batch_size,
+        model, specs, limit=limit, device=_device(device), batch_size=batch_size,
         include_paths=include_path or (),
     )
     print_scores({str(model): score})

@@ -17,7 +17,6 @@ ask for no log-likelihood (generation only) get one probe request, so such model
 from __future__ import annotations
 
 import contextlib
-import difflib
 import functools
 import io
 import logging
@@ -30,68 +29,30 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from evomerge.errors import ScoringError
+from evomerge.task_index import (  # TaskSpec and the metric naming are re-exported from here
+    MAIN_METRIC,  # noqa: F401
+    NO_FILTER,
+    MetricKeys,
+    TaskSpec,
+    build_task_index,
+    default_tasks_dir,  # noqa: F401
+    metric_key,
+    resolve_metric,
+    resolve_specs,
+)
 
 if TYPE_CHECKING:
     import torch
+    from lm_eval.api.group import Group
     from lm_eval.api.instance import Instance
     from lm_eval.api.model import LM
     from lm_eval.api.task import Task
-    from lm_eval.tasks import TaskManager
     from rich.console import Console
 
 # simple_evaluate's default few-shot seed, so few-shot contexts match a plain lm-eval run.
 FEWSHOT_SEED = 1234
-NO_FILTER = "none"
-MAIN_METRIC = ""  # TaskSpec.metric for "the task's main metric"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
-_SPEC_KEYS = frozenset({"name", "metric", "weight", "higher_is_better"})
 _LOGLIKELIHOOD_TYPES = ("loglikelihood", "loglikelihood_rolling")
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """One term of the fitness: a task, which of its metrics, and how much it counts."""
-
-    name: str
-    metric: str = "acc"
-    weight: float = 1.0
-    higher_is_better: bool | None = None  # None: the task's metric config decides
-
-    def __post_init__(self) -> None:
-        if not self.name:
-            raise ScoringError("task spec has an empty task name")
-        if not math.isfinite(self.weight) or self.weight <= 0:
-            raise ScoringError(
-                f"task {self.name}: weight must be a positive number, got {self.weight}"
-            )
-
-    @classmethod
-    def parse(cls, item: str | Mapping[str, Any] | TaskSpec) -> TaskSpec:
-        """`"task"`, `"task:metric"` or `{"name": ..., "metric": ..., "weight": ..., "higher_is_better": ...}`."""
-        if isinstance(item, TaskSpec):
-            return item
-        if isinstance(item, str):  # a bare name means the task's main metric
-            name, _, metric = item.strip().partition(":")
-            return cls(name.strip(), metric.strip() or MAIN_METRIC)
-        if isinstance(item, Mapping):
-            unknown = sorted(set(item) - _SPEC_KEYS)
-            if unknown:
-                raise ScoringError(
-                    f"task spec {dict(item)}: unknown key {unknown[0]!r} (known: {', '.join(sorted(_SPEC_KEYS))})"
-                )
-            if "name" not in item:
-                raise ScoringError(f"task spec {dict(item)}: missing 'name'")
-            try:
-                weight = float(item.get("weight", 1.0))
-            except (TypeError, ValueError):
-                raise ScoringError(
-                    f"task {item['name']}: weight {item['weight']!r} is not a number"
-                ) from None
-            higher = item.get("higher_is_better")
-            if higher is not None and not isinstance(higher, bool):
-                raise ScoringError(f"task {item['name']}: higher_is_better must be true or false")
-            return cls(str(item["name"]), str(item.get("metric", "acc")), weight, higher)
-        raise ScoringError(f"task spec must be a name or a mapping, got {type(item).__name__}")
 
 
 @dataclass(frozen=True)
@@ -100,22 +61,6 @@ class Score:
     metrics: dict[str, dict[str, float]]  # task -> every numeric metric lm-eval reported
     seconds: float
     objectives: tuple[float, ...] = ()  # each spec's metric, negated if lower is better (spec order)
-
-
-def default_tasks_dir() -> Path:
-    """The repository's `tasks/` folder (the demo zoo's task YAMLs and data)."""
-    import evomerge
-
-    return Path(evomerge.__file__).resolve().parents[1] / "tasks"
-
-
-def metric_key(metric: str, filter_name: str) -> str:
-    """How a metric is named here: `acc` for the unfiltered responses, `exact_match/strict-match` else.
-
-    lm-eval writes `exact_match,strict-match`; a slash keeps the name usable in comma-separated
-    CLI lists.
-    """
-    return metric if filter_name == NO_FILTER else f"{metric}/{filter_name}"
 
 
 @dataclass
@@ -150,14 +95,9 @@ class Scorer:
 
         `engine_args` go to `vllm.LLM` (e.g. `gpu_memory_utilization`); the vllm backend only.
         """
-        self.specs = [TaskSpec.parse(t) for t in tasks]
-        if not self.specs:
+        specs = [TaskSpec.parse(t) for t in tasks]
+        if not specs:
             raise ScoringError("no tasks to score on")
-        seen = set()
-        for spec in self.specs:
-            if (spec.name, spec.metric) in seen:
-                raise ScoringError(f"task {spec.name}: metric {spec.metric} is listed twice")
-            seen.add((spec.name, spec.metric))
         if limit is not None and samples is not None:
             raise ScoringError("give either limit or samples, not both")
         if limit is not None and not limit > 0:
@@ -173,30 +113,49 @@ class Scorer:
         self._hf_lm_owner: tuple[Any, Any] | None = None  # the (model, tokenizer) it wraps
         self._vllm: Any = None
 
-        names = list(dict.fromkeys(spec.name for spec in self.specs))
-        if samples is not None:
-            strays = sorted(set(samples) - set(names))
-            if strays:
-                raise ScoringError(
-                    f"samples name task {strays[0]!r}, which is not among the tasks scored"
-                )
         with _quiet():
-            self.task_manager = _task_manager(names, include_paths, include_defaults)
-            self.tasks = {name: self._prepare(name, limit, samples) for name in names}
+            self.index = build_task_index(
+                list(dict.fromkeys(spec.name for spec in specs)), include_paths, include_defaults
+            )
+            self.task_manager = self.index.manager
+            self.specs = resolve_specs(specs, self.index)
+            loaded, self.groups = self._load(list(dict.fromkeys(spec.name for spec in self.specs)))
+            if samples is not None:
+                strays = sorted(set(samples) - set(loaded))
+                if strays:
+                    raise ScoringError(
+                        f"samples name task {strays[0]!r}, which is not among the tasks scored"
+                    )
+            self.tasks = {
+                name: self._prepare(name, task, limit, samples) for name, task in loaded.items()
+            }
         self.terms = [self._term(spec) for spec in self.specs]
         self._probe = self._finiteness_probe()
 
     # -- set-up (once) -------------------------------------------------------------------
 
+    def _load(self, names: Sequence[str]) -> tuple[dict[str, Task], dict[str, Group]]:
+        """Build every task (a group's with the group's settings) and the groups that aggregate."""
+        tasks: dict[str, Task] = {}
+        groups: dict[str, Group] = {}
+        for name in names:
+            try:
+                loaded = self.task_manager.load([name])
+            except Exception as e:  # a missing data file, a bad YAML, a failing !function...
+                raise ScoringError(f"task {name} cannot be loaded: {type(e).__name__}: {e}") from e
+            tasks.update(loaded["tasks"])
+            groups.update({g: group for g, group in loaded.get("groups", {}).items() if group.has_aggregation})
+        return tasks, groups
+
     def _prepare(
-        self, name: str, limit: int | float | None, samples: Mapping[str, Sequence[int]] | None
+        self,
+        name: str,
+        task: Task,
+        limit: int | float | None,
+        samples: Mapping[str, Sequence[int]] | None,
     ) -> _PreparedTask:
         from lm_eval.evaluator_utils import get_sample_size
 
-        try:
-            task = self.task_manager.load([name])["tasks"][name]
-        except Exception as e:  # a missing data file, a bad YAML, a failing !function...
-            raise ScoringError(f"task {name} cannot be loaded: {type(e).__name__}: {e}") from e
         if task.get_config("num_fewshot") is None:
             task.set_config(key="num_fewshot", value=0)
         task.set_fewshot_seed(seed=FEWSHOT_SEED)
@@ -252,16 +211,53 @@ class Scorer:
 
     def _term(self, spec: TaskSpec) -> tuple[TaskSpec, str, float]:
         """(spec, the metric key it names, +1 if higher is better else -1); validates the metric."""
-        prepared = self.tasks[spec.name]
-        key = _resolve_metric(spec, prepared)
+        if spec.name in self.groups:
+            leaves = [self.tasks[t.task_name] for t in self.groups[spec.name].get_all_tasks()]
+            key = resolve_metric(spec, self._group_keys(self.groups[spec.name]))
+        else:
+            leaves = [self.tasks[spec.name]]
+            key = resolve_metric(spec, self.tasks[spec.name].metric_keys)
         higher = spec.higher_is_better
-        if higher is None:
-            higher = prepared.task.higher_is_better().get(prepared.metric_keys[key][0])
+        for prepared in leaves:  # a group's metric is better the way its tasks' is (as lm-eval says)
+            if higher is None and key in prepared.metric_keys:
+                higher = prepared.task.higher_is_better().get(prepared.metric_keys[key][0])
         if higher is None:
             raise ScoringError(
                 f"task {spec.name}: metric {spec.metric} does not say whether higher is better; set higher_is_better"
             )
         return spec, key, 1.0 if higher else -1.0
+
+    def _group_keys(self, group: Group) -> MetricKeys:
+        """A group's aggregate metrics; filters found in its tasks where the YAML lists none."""
+        keys: MetricKeys = {}
+        leaves = [self.tasks[t.task_name] for t in group.get_all_tasks()]
+        for agg in group.aggregate_metric_list or []:
+            filters = agg.filter_list
+            if filters is None:
+                filters = sorted({f for p in leaves for m, f in p.metric_keys.values() if m == agg.metric})
+            keys.update({metric_key(agg.metric, f): (agg.metric, f) for f in filters})
+        return keys
+
+    def group_metrics(self, metrics: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+        """Each group's aggregate of its tasks' metrics, computed by lm-eval's own `Group.aggregate`
+        (a mean over the tasks, weighted by their sample counts unless the group says otherwise)."""
+        as_lm_eval: dict[str, dict[str, Any]] = {}
+        for name, prepared in self.tasks.items():
+            row: dict[str, Any] = {
+                ",".join(key.split("/", 1)) if "/" in key else f"{key},{NO_FILTER}": value
+                for key, value in metrics.get(name, {}).items()
+            }
+            row["sample_len"] = len(prepared.docs)
+            as_lm_eval[name] = row
+        out = {}
+        for name, group in self.groups.items():
+            aggregated = group.aggregate(as_lm_eval)  # type: ignore[arg-type]
+            out[name] = {
+                metric_key(*key.split(",", 1)): float(value)
+                for key, value in aggregated.items()
+                if "," in key and "_stderr," not in key and isinstance(value, int | float)
+            }
+        return out
 
     # -- scoring (per candidate) ---------------------------------------------------------
 
@@ -276,6 +272,7 @@ class Scorer:
         with _quiet():
             lm = self._lm(model, tokenizer)
             metrics = self._run(lm)
+            metrics.update(self.group_metrics(metrics))
         fitness = self.fitness(metrics)
         return Score(fitness, metrics, time.perf_counter() - start, self.objectives(metrics))
 
@@ -436,60 +433,6 @@ def _task_metrics(prepared: _PreparedTask) -> dict[str, float]:
         with contextlib.suppress(TypeError, ValueError):
             metrics[metric_key(metric, filter_name)] = float(value)
     return metrics
-
-
-def _resolve_metric(spec: TaskSpec, prepared: _PreparedTask) -> str:
-    """The metric key a spec means: exact, with `,` for `/`, or a bare name when one filter has it."""
-    if spec.metric == MAIN_METRIC:  # acc when the task has it, else the first metric it lists
-        keys = list(prepared.metric_keys)
-        if not keys:
-            raise ScoringError(f"task {spec.name} reports no metric")
-        return "acc" if "acc" in keys else keys[0]
-    wanted = spec.metric.replace(",", "/")
-    if wanted.endswith(f"/{NO_FILTER}"):
-        wanted = wanted[: -len(NO_FILTER) - 1]
-    if wanted in prepared.metric_keys:
-        return wanted
-    matches = [key for key, (metric, _) in prepared.metric_keys.items() if metric == wanted]
-    if len(matches) == 1:
-        return matches[0]
-    known = ", ".join(sorted(prepared.metric_keys)) or "none"
-    if matches:
-        raise ScoringError(
-            f"task {spec.name}: metric {spec.metric} is ambiguous; name a filter ({known})"
-        )
-    raise ScoringError(
-        f"task {spec.name} does not report metric {spec.metric} (it reports: {known})"
-    )
-
-
-def _task_manager(
-    names: Sequence[str], include_paths: Sequence[str | Path], include_defaults: bool | None
-) -> TaskManager:
-    """One index of task YAMLs: the repo's tasks/ and the user's paths; lm-eval's own only if needed."""
-    from lm_eval.tasks import TaskManager
-
-    paths = [default_tasks_dir(), *(Path(p).expanduser() for p in include_paths)]
-    for path in paths[1:]:
-        if not path.is_dir():
-            raise ScoringError(f"task include path is not a directory: {path}")
-    local_paths = [str(p) for p in paths if p.is_dir()]
-    manager = TaskManager(include_path=local_paths, include_defaults=bool(include_defaults))
-    if include_defaults is None and any(name not in manager.all_tasks for name in names):
-        manager = TaskManager(include_path=local_paths, include_defaults=True)
-    for name in names:
-        if name in manager.all_subtasks:
-            continue
-        if name in manager.all_tasks:
-            raise ScoringError(f"{name} is a task group or tag; list its tasks one by one")
-        close = difflib.get_close_matches(name, manager.all_subtasks, n=5, cutoff=0.6)
-        hint = (
-            f"; close names: {', '.join(close)}"
-            if close
-            else f"; searched {', '.join(local_paths) or 'no local task folder'}"
-        )
-        raise ScoringError(f"unknown task {name!r}{hint}")
-    return manager
 
 
 @contextlib.contextmanager

@@ -241,23 +241,27 @@ class Recipe(_Strict):
         method = get_method(self.merge_method)
         if self.models is not None and method.base == "required" and self.base_model is None:
             raise RecipeError(f"{origin}: merge_method '{method.name}' needs a base_model")
-        for where, params, scope in self._parameter_blocks():
-            for method_name in self.methods():
-                _validate_block(get_method(method_name), params, scope=scope, where=f"{origin}: {where}")
+        for where, params, scope, method_names in self._parameter_blocks():
+            methods = [get_method(name) for name in method_names]
+            _check_names(methods, params, where=f"{origin}: {where}")
+            for method in methods:
+                _validate_block(method, params, scope=scope, where=f"{origin}: {where}")
 
-    def _parameter_blocks(self) -> list[tuple[str, Parameters, str]]:
-        blocks: list[tuple[str, Parameters, str]] = []
+    def _parameter_blocks(self) -> list[tuple[str, Parameters, str, list[str]]]:
+        """(where, parameters, scope, the methods that read them) for every parameters block."""
+        blocks: list[tuple[str, Parameters, str, list[str]]] = []
         if self.parameters:
-            blocks.append(("parameters", self.parameters, "any"))
+            blocks.append(("parameters", self.parameters, "any", self.methods()))
         for i, m in enumerate(self.models or []):
             if m.parameters:
-                blocks.append((f"models[{i}] ('{m.model}').parameters", m.parameters, "model"))
+                blocks.append((f"models[{i}] ('{m.model}').parameters", m.parameters, "model", [self.merge_method]))
         for i, s in enumerate(self.slices or []):
+            method = [s.merge_method or self.merge_method]
             if s.parameters:
-                blocks.append((f"slices[{i}].parameters", s.parameters, "any"))
+                blocks.append((f"slices[{i}].parameters", s.parameters, "any", method))
             for j, src in enumerate(s.sources):
                 if src.parameters:
-                    blocks.append((f"slices[{i}].sources[{j}] ('{src.model}').parameters", src.parameters, "model"))
+                    blocks.append((f"slices[{i}].sources[{j}] ('{src.model}').parameters", src.parameters, "model", method))
         return blocks
 
 
@@ -392,13 +396,23 @@ def _validate_block(method: MethodSpec, params: Parameters, *, scope: str, where
     known = {p.name: p for p in method.params}
     for name, setting in params.items():
         spec = known.get(name)
-        if spec is None:
-            log.debug("%s: parameter '%s' is not used by %s", where, name, method.name)
+        if spec is None:  # another method of the recipe reads it (`_check_names` saw to that)
             continue
         for value in _endpoints(setting):
             coerced = _coerce(spec, value, f"{where}.{name}")
             if spec.kind != "bool":
                 method.validate(name, coerced, f"{where}.{name}")
+
+
+def _check_names(methods: Sequence[MethodSpec], params: Parameters, *, where: str) -> None:
+    """A parameter no method of the block reads is a typo: an error listing the valid names."""
+    valid = {p.name for m in methods for p in m.params}
+    for name in params:
+        if name not in valid:
+            names = " or ".join(f"'{m.name}'" for m in methods)
+            raise RecipeError(
+                f"{where}: merge_method {names} has no parameter '{name}'; valid: {', '.join(sorted(valid)) or 'none'}"
+            )
 
 
 def _endpoints(setting: Setting) -> list[Scalar]:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.atomic import atomic_write_text
+from evomerge.preflight import resolve_tasks
 from evomerge.recipe import Recipe
 from evomerge.run import (
     BEST_FILE,
@@ -17,7 +18,8 @@ from evomerge.run import (
     read_trials,
     resolve_recipe_refs,
 )
-from evomerge.search_config import SearchConfig, TaskEntry, parse_search_config
+from evomerge.search_config import SearchConfig, parse_search_config
+from evomerge.task_index import TaskSpec
 from evomerge.workers import CandidateEvaluator, Job
 
 
@@ -102,7 +104,7 @@ def evaluate_rows(config: SearchConfig, best: dict[str, Any] | None, *, device: 
     """Score the best merge, every source model and every baseline on the dev and test tasks."""
     setup = build_setup(config, device=device)
     tasks = _unique(config.tasks + config.test_tasks)
-    worker = replace(setup.worker, tasks=tuple(t.model_dump() for t in tasks), limit=None)
+    worker = replace(setup.worker, tasks=tuple(tasks), limit=None)
     evaluator = CandidateEvaluator(worker)
     rows = []
     if best is not None:
@@ -120,15 +122,15 @@ def evaluate_rows(config: SearchConfig, best: dict[str, Any] | None, *, device: 
     return rows
 
 
-def _unique(tasks: list[TaskEntry]) -> list[TaskEntry]:
-    seen: dict[str, TaskEntry] = {}
+def _unique(tasks: list[TaskSpec]) -> list[TaskSpec]:
+    seen: dict[str, TaskSpec] = {}
     for t in tasks:
         seen.setdefault(t.name, t)
     return list(seen.values())
 
 
 def _row(name: str, kind: str, metrics: dict[str, dict[str, float]], config: SearchConfig) -> Row:
-    def avg(tasks: list[TaskEntry]) -> float:
+    def avg(tasks: list[TaskSpec]) -> float:
         total = sum(t.weight for t in tasks)
         signed = sum(t.weight * (metrics[t.name][t.metric] if t.higher_is_better is not False else -metrics[t.name][t.metric]) for t in tasks)
         return signed / total if total else float("nan")
@@ -154,6 +156,7 @@ def make_report(run_dir: Path, *, device: str | None = None, console: Any = None
 
     run_dir = Path(run_dir)
     config = parse_search_config(yaml.safe_load((run_dir / CONFIG_FILE).read_text()), origin=str(run_dir / CONFIG_FILE))
+    config = resolve_tasks(config)  # concrete metric keys: the table reads them
     trials = read_trials(run_dir)
     scored = [t for t in trials if t["fitness"] is not None]
     best = max(scored, key=lambda t: t["fitness"]) if scored else None

@@ -1,7 +1,8 @@
 """The search loop and its run directory.
 
 RUN_DIR/
-  config.yaml      the config as given           trials.jsonl   one line per finished trial
+  config.yaml      the config that ran (file + command-line overrides)
+  trials.jsonl   one line per finished trial
   space.json       the knobs, in vector order    best.yaml      the best recipe so far (atomic)
   best_config.yaml the same recipe, mergekit-runnable (mergekit-multi when slices mix methods)
   cma_state.pkl | study.db    optimizer state, saved after every update
@@ -29,8 +30,10 @@ from evomerge.atomic import atomic_write_text
 from evomerge.errors import ConfigError, SearchFailedError
 from evomerge.genome_space import GenomeSpace
 from evomerge.io.reader import ModelReader
+from evomerge.model_refs import resolve_model, resolve_recipe_refs
 from evomerge.optimize.base import Candidate, Optimizer
 from evomerge.optimize.registry import load_optimizer, make_optimizer, state_path
+from evomerge.preflight import check_search
 from evomerge.recipe import Recipe
 from evomerge.search_config import SearchConfig, load_search_config, parse_search_config
 from evomerge.space import SearchSpace
@@ -38,36 +41,6 @@ from evomerge.workers import Job, TrialResult, WorkerSetup, make_pool
 
 CONFIG_FILE, TRIALS_FILE, BEST_FILE, SPACE_FILE = "config.yaml", "trials.jsonl", "best.yaml", "space.json"
 MERGEKIT_BEST_FILE = "best_config.yaml"  # best.yaml in mergekit-runnable form (mergekit-evolve's name)
-
-
-# ---- model references ------------------------------------------------------------------
-
-
-def resolve_model(ref: str) -> str:
-    """`zoo:base` / `zoo:<skill>` name the built-in demo zoo (built on first use); others are paths."""
-    if not ref.startswith("zoo:"):
-        return str(Path(ref).expanduser().resolve())
-    from evomerge.zoo.build import build_zoo
-
-    zoo = build_zoo()
-    name = ref.removeprefix("zoo:")
-    if name == "base":
-        return str(zoo.base)
-    if name not in zoo.specialists:
-        raise ConfigError(f"'{ref}': the zoo has base and {sorted(zoo.specialists)}")
-    return str(zoo.specialists[name])
-
-
-def resolve_recipe_refs(data: Any) -> Any:
-    """A recipe mapping with every `zoo:` model reference replaced by its path."""
-    if isinstance(data, dict):
-        return {
-            k: resolve_model(v) if k in ("model", "base_model", "tokenizer_source") and isinstance(v, str) and v.startswith("zoo:") else resolve_recipe_refs(v)
-            for k, v in data.items()
-        }
-    if isinstance(data, list):
-        return [resolve_recipe_refs(v) for v in data]
-    return data
 
 
 # ---- the run directory -----------------------------------------------------------------
@@ -145,7 +118,7 @@ def build_setup(config: SearchConfig, *, device: str | None = None) -> SearchSet
     worker = WorkerSetup(
         models=all_models,
         reference_model=tokenizer or base or models[0],
-        tasks=tuple(t.model_dump() for t in config.tasks),
+        tasks=tuple(config.tasks),
         include_paths=tuple(str(Path(p).expanduser().resolve()) for p in config.task_paths),
         dtype=config.dtype,
         limit=config.limit,
@@ -201,8 +174,8 @@ def search(
         run_dir = run_dir or new_run_dir(config_path)
         if run_dir.exists() and any(run_dir.iterdir()):
             raise ConfigError(f"run directory {run_dir} is not empty; use --resume to continue it")
-    if max_evals is not None:
-        config = config.model_copy(update={"budget": config.budget.model_copy(update={"max_evals": max_evals})})
+    raw, config = _with_overrides(raw, max_evals=max_evals, workers=workers, device=device)
+    config = check_search(config)  # everything checkable, before a run directory or a worker exists
 
     setup = build_setup(config, device=device)
     if ray_address and pool_factory is None:
@@ -211,8 +184,9 @@ def search(
         check_cluster(ray_address)
     _quiet_libraries()
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
+    if not resume or (max_evals, workers, device) != (None, None, None):
         atomic_write_text(run_dir / CONFIG_FILE, yaml.safe_dump(raw, sort_keys=False))
+    if not resume:
         atomic_write_text(run_dir / SPACE_FILE, json.dumps(setup.space.describe(), indent=1))
     optimizer = _optimizer(config, setup.space, run_dir, resume=resume)
     log = TrialLog(run_dir / TRIALS_FILE)
@@ -224,7 +198,7 @@ def search(
         for item in config.warm_start:
             optimizer.enqueue(setup.space.encode(Recipe.from_dict(resolve_recipe_refs(item), origin="warm_start")))
 
-    n_workers = config.workers if workers is None else workers
+    n_workers = config.workers
     factory = pool_factory or (lambda s, n: make_pool(s, n, address=ray_address, num_gpus=num_gpus))
     loop = _Loop(config, setup.space, optimizer, log, run_dir, done)
     pool = None
@@ -239,6 +213,18 @@ def search(
     if loop.best is None and not interrupted:
         raise SearchFailedError(loop.failure_message())
     return loop.summary(interrupted)
+
+
+def _with_overrides(raw: dict[str, Any], *, max_evals: int | None, workers: int | None, device: str | None) -> tuple[dict[str, Any], SearchConfig]:
+    """The config file with the command line's overrides written in: what the run directory records."""
+    raw = dict(raw)
+    if max_evals is not None:
+        raw["budget"] = {**(raw.get("budget") or {}), "max_evals": max_evals}
+    if workers is not None:
+        raw["workers"] = workers
+    if device is not None:
+        raw["device"] = device
+    return raw, parse_search_config(raw, origin="the command line")
 
 
 def _quiet_libraries() -> None:

@@ -8,7 +8,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, ScoringError
+from evomerge.task_index import TaskSpec
 
 
 class _Strict(BaseModel):
@@ -52,13 +53,6 @@ class SpaceConfig(_Strict):
         return self
 
 
-class TaskEntry(_Strict):
-    name: str
-    metric: str = "acc"
-    weight: float = 1.0
-    higher_is_better: bool | None = None
-
-
 class OptimizerConfig(_Strict):
     kind: str = "cma"  # one of evomerge.optimize.KINDS
     seed: int = 0
@@ -95,8 +89,8 @@ class SearchConfig(_Strict):
     tokenizer_source: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     space: SpaceConfig
-    tasks: list[TaskEntry] = Field(min_length=1)
-    test_tasks: list[TaskEntry] = []
+    tasks: list[TaskSpec] = Field(min_length=1)  # fitness: a bare name scores the task's main metric
+    test_tasks: list[TaskSpec] = []
     task_paths: list[str] = []  # folders of the user's own lm-eval task YAMLs (besides tasks/)
     limit: int | None = Field(default=None, ge=1)  # dev samples per task (None: all)
     optimizer: OptimizerConfig = OptimizerConfig()
@@ -111,17 +105,13 @@ class SearchConfig(_Strict):
 
     @field_validator("tasks", "test_tasks", mode="before")
     @classmethod
-    def _task_strings(cls, v: Any) -> Any:
-        if isinstance(v, list):
-            return [_task_item(item) for item in v]
-        return v
-
-
-def _task_item(item: Any) -> Any:
-    if isinstance(item, str):
-        name, _, metric = item.partition(":")
-        return {"name": name, **({"metric": metric} if metric else {})}
-    return item
+    def _task_specs(cls, v: Any) -> Any:
+        if not isinstance(v, list):
+            return v
+        try:
+            return [TaskSpec.parse(item) for item in v]
+        except ScoringError as e:
+            raise ValueError(str(e)) from None
 
 
 def load_search_config(path: str | Path) -> tuple[SearchConfig, dict[str, Any]]:

@@ -51,10 +51,10 @@ class Knob:
             return self.choices[min(int(u * len(self.choices)), len(self.choices) - 1)]
         if self.kind == "bool":
             return u >= 0.5
-        if self.log:
+        if self.log:  # 6 significant digits: a log range may span 1e-10..1e-6, which 6 decimals round to 0
             value = math.exp(math.log(self.low) + u * (math.log(self.high) - math.log(self.low)))
-        else:
-            value = self.low + u * (self.high - self.low)
+            return int(round(value)) if self.kind == "int" else float(f"{value:.6g}")
+        value = self.low + u * (self.high - self.low)
         return int(round(value)) if self.kind == "int" else round(value, 6)
 
     def encode(self, value: Any) -> float:

@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 from evomerge.report import evaluate_rows, markdown_table
-from evomerge.search_config import TaskEntry, load_search_config
+from evomerge.search_config import load_search_config
+from evomerge.task_index import TaskSpec
 
 
 def main() -> None:
@@ -25,7 +26,7 @@ def main() -> None:
 
     config, _ = load_search_config(args.config)
     if args.gen:
-        gen = [TaskEntry(name=f"{t.name}_gen", metric="exact_match") for t in config.test_tasks]
+        gen = [TaskSpec(f"{t.name}_gen", "exact_match") for t in config.test_tasks]
         config = config.model_copy(update={"test_tasks": gen})
     started = time.perf_counter()
     rows = evaluate_rows(config, None)

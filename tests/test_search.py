@@ -105,7 +105,9 @@ def test_interrupted_run_resumes_without_losing_or_rerunning_trials(quick_zoo, t
     partial = search(config, run_dir=tmp_path / "resumed", max_evals=5, progress=False)
     assert partial.trials == 5
     # a crash after a candidate was asked but before it was scored: the optimizer has it pending
-    resumed = search(None, run_dir=tmp_path / "resumed", resume=True, progress=False)
+    # the run directory recorded --max-evals 5: resuming keeps that budget unless told otherwise
+    assert search(None, run_dir=tmp_path / "resumed", resume=True, progress=False).trials == 5
+    resumed = search(None, run_dir=tmp_path / "resumed", resume=True, max_evals=8, progress=False)
     trials = read_trials(resumed.run_dir)
     assert [t["id"] for t in trials] == list(range(8))
     uninterrupted = read_trials(full.run_dir)
@@ -292,7 +294,15 @@ def test_search_without_a_config_runs_the_demo():
 def test_a_worker_that_cannot_start_fails_the_search_with_its_own_error(quick_zoo, ray_session, tmp_path):
     from evomerge.errors import EvomergeError
 
-    # a generation task has no `acc`: the workers' scorers refuse it as they start
-    config = write_config(tmp_path, quick_zoo, tasks=["zoo_shift_dev_gen"], workers=2)
-    with pytest.raises(EvomergeError, match="zoo_shift_dev_gen does not report metric acc"):
+    # the up-front check reads task YAMLs only; a data file that is not there stops the workers
+    folder = tmp_path / "my_tasks"
+    folder.mkdir()
+    (folder / "my_broken.yaml").write_text(
+        "task: my_broken\ndataset_path: json\n"
+        f"dataset_kwargs: {{data_files: {{test: '{tmp_path / 'missing.jsonl'}'}}}}\ntest_split: test\n"
+        "output_type: multiple_choice\ndoc_to_text: prompt\ndoc_to_choice: choices\n"
+        "doc_to_target: label\nmetric_list: [{metric: acc, aggregation: mean, higher_is_better: true}]\n"
+    )
+    config = write_config(tmp_path, quick_zoo, tasks=["my_broken"], task_paths=[str(folder)], workers=2)
+    with pytest.raises(EvomergeError, match="task my_broken cannot be loaded"):
         search(config, run_dir=tmp_path / "run", progress=False)
