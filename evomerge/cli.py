@@ -103,9 +103,10 @@ def search(
     console.print(
         f"{summary.trials} trials ({summary.failed} failed) in {summary.seconds:.0f} s; {best}; run directory [bold]{summary.run_dir}[/]"
     )
-    if len(summary.front_ids) > 1:
+    if summary.front_ids:
+        n = len(summary.front_ids)
         console.print(
-            f"Pareto front: {len(summary.front_ids)} trials ({', '.join(f'#{i}' for i in summary.front_ids)}); "
+            f"Pareto front: {n} trial{'s' if n > 1 else ''} ({', '.join(f'#{i}' for i in summary.front_ids)}); "
             f"export them with [bold]evomerge export {summary.run_dir} --pareto[/]"
         )
     if summary.interrupted:

@@ -1,5 +1,7 @@
 """Export a scored recipe: as evomerge runs it, and in a form mergekit runs unchanged.
 
+`export_front` writes every Pareto-front member of a run, one `trial-NNNN.yaml` each.
+
 mergekit has one `merge_method` per file. A recipe whose slices use different methods becomes a
 `mergekit-multi` file: one named merge per method (holding just that method's slices, in order),
 then a passthrough that stacks the layer ranges back in the original order. Kernels work tensor by

@@ -39,6 +39,7 @@ class Row:
     test_avg: float
     dev_avg: float
     dev: dict[str, float] = field(default_factory=dict)  # dev task -> its metric (full split)
+    search_dev: dict[str, float] = field(default_factory=dict)  # ... on the search's dev samples (`limit`)
 
 
 def fitness_plot(trials: list[dict[str, Any]], path: Path) -> None:
@@ -110,15 +111,28 @@ def _short(model: str | None) -> str | None:
 
 
 class ReportScorer:
-    """Scores models for the report on the dev and the test tasks (full splits), with one evaluator."""
+    """Scores models for the report on the dev and the test tasks (full splits), with one evaluator.
+
+    With a `limit`, the search scored its trials on the first `limit` items of each dev task; each
+    model is then also scored on those (`Row.search_dev`, the live weights scored again by a
+    second scorer of the search's own tasks), so that it sits on the same axes as the trials.
+    """
 
     def __init__(self, config: SearchConfig, *, device: str | None = None):
+        from evomerge.evaluate import Scorer
+
         self.config = config
         self.setup = build_setup(config, device=device)
         tasks = _unique(config.tasks + config.test_tasks)
         self.evaluator = CandidateEvaluator(replace(self.setup.worker, tasks=tuple(t.model_dump() for t in tasks), limit=None))
         # task -> +1 if higher is better else -1, as the scorer resolved it (None: the task's own config)
         self.signs = {spec.name: sign for spec, _, sign in self.evaluator.scorer.terms}
+        worker = self.setup.worker
+        self.search_scorer = None if config.limit is None else Scorer(
+            worker.tasks, include_paths=worker.include_paths, limit=worker.limit, batch_size=worker.batch_size,
+            device=self.evaluator.device,
+            backend="hf",  # on the evaluator's live HF model; a second vLLM engine would double the GPU memory
+        )
 
     def trial(self, record: dict[str, Any], name: str, kind: str) -> Row:
         result = self.evaluator.evaluate(Job(record["id"], record["recipe"]))
@@ -151,7 +165,12 @@ class ReportScorer:
 
         test = {t.name: metrics[t.name][t.metric] for t in config.test_tasks}
         dev = {t.name: metrics[t.name][t.metric] for t in config.tasks}
-        return Row(name, kind, test, avg(config.test_tasks) if config.test_tasks else float("nan"), avg(config.tasks), dev)
+        search_dev = dev
+        if self.search_scorer is not None:  # the weights just scored are still in the live model
+            searched = self.search_scorer.score(self.evaluator.model, self.evaluator.tokenizer).metrics
+            search_dev = {t.name: searched[t.name][t.metric] for t in config.tasks}
+        test_avg = avg(config.test_tasks) if config.test_tasks else float("nan")
+        return Row(name, kind, test, test_avg, avg(config.tasks), dev, search_dev)
 
 
 def evaluate_rows(config: SearchConfig, best: dict[str, Any] | None, *, device: str | None = None) -> list[Row]:
@@ -295,7 +314,7 @@ def pareto_plot(
     signs: dict[str, float], marks: list[Row], path: Path,
 ) -> None:
     """Dev metric of each pair of objectives: every trial, the front, the picked member, and the
-    source models and default merges (`marks`, full dev splits) on the same axes."""
+    source models and default merges (`marks`, on the search's dev samples) on the same axes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -321,7 +340,7 @@ def pareto_plot(
         ax.scatter([picked[i]], [picked[j]], marker="*", s=220, color="C3", edgecolors="k", linewidths=0.5, zorder=4, label=f"picked ({rule})")
         for row in marks:
             style = {"marker": "^", "color": "C2"} if row.kind == "source" else {"marker": "s", "color": "C1"}
-            x, y = row.dev[names[i]], row.dev[names[j]]
+            x, y = row.search_dev[names[i]], row.search_dev[names[j]]
             ax.scatter([x], [y], s=40, edgecolors="k", linewidths=0.4, zorder=3, label="source model" if row.kind == "source" else "default merge", **style)
             ax.annotate(row.name, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6.5)
         ax.set_xlabel(_label(names[i], signs).removeprefix("zoo_"))
@@ -331,9 +350,9 @@ def pareto_plot(
         ax.set_visible(False)
     handles, labels = axes.flat[0].get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=True))
-    fig.legend(unique.values(), unique.keys(), loc="upper center", ncol=len(unique), fontsize=8, frameon=False)
-    fig.suptitle(f"Pareto front on the dev tasks: {len(front)} of {len(scored)} scored trials", y=0.995, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.legend(unique.values(), unique.keys(), loc="lower center", ncol=len(unique), fontsize=8, frameon=False)
+    fig.suptitle(f"Pareto front on the dev tasks: {len(front)} of {len(scored)} scored trials", fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
