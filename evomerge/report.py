@@ -256,10 +256,10 @@ def _multi_objective(config: SearchConfig) -> bool:
 
 
 def _score_front(scorer: ReportScorer, front: list[Any], best: Any, best_row: Row, front_test: int) -> list[dict[str, Any]]:
-    """One entry per member, in id order; the `front_test` best by weighted mean (the picked one
-    always among them) re-scored on the test tasks."""
+    """One entry per member, in id order; the picked one (its test scores are the evolved row's)
+    and the `front_test` members with the highest weighted mean have test scores."""
     by_mean = sorted(front, key=lambda t: (t is not best, -t["fitness"], t["id"]))
-    tested = {t["id"] for t in by_mean[:front_test]}
+    tested = {t["id"] for t in by_mean[: max(front_test, 1)]}
     picks = pareto.picked_by(front)
     members = []
     for t in front:
@@ -291,7 +291,7 @@ def front_markdown(members: list[dict[str, Any]], config: SearchConfig, signs: d
         + (
             f"Test scores: all {tested} members."
             if tested == len(members)
-            else f"Test scores: the {tested} members with the highest weighted mean (`--front-test {front_test}`); the other {len(members) - tested}: dev only."
+            else f"Test scores: {tested} members, the picked one and the highest weighted means (`--front-test {front_test}`); the other {len(members) - tested}: dev only."
         ),
         "",
     ]
