@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 
 from evomerge.errors import EvomergeError
+from evomerge.pareto import RULE_DESCRIPTIONS, RULES
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Evolve LLM merge recipes.")
 err_console = Console(stderr=True)
@@ -101,11 +102,20 @@ def search(
     except KeyboardInterrupt:  # before the run directory was written: nothing to resume
         err_console.print("interrupted (Ctrl-C) before the search started; nothing was written")
         raise typer.Exit(code=130) from None
-    best = f"best trial #{summary.best_id}: fitness {summary.best_fitness:.4f}" if summary.best_id is not None else "no successful trial"
+    best = (
+        f"best trial #{summary.best_id} (picked by {summary.select}: {RULE_DESCRIPTIONS[summary.select]}): fitness {summary.best_fitness:.4f}"
+        if summary.best_id is not None else "no successful trial"
+    )
     console.print(
         f"{summary.trials} trials ({summary.failed} failed) in {summary.seconds:.0f} s; {best}; run directory [bold]{summary.run_dir}[/]",
         soft_wrap=True,
     )
+    if summary.front_ids:
+        n = len(summary.front_ids)
+        console.print(
+            f"Pareto front: {n} trial{'s' if n > 1 else ''} ({', '.join(f'#{i}' for i in summary.front_ids)}); "
+            f"export them with [bold]evomerge export {summary.run_dir} --pareto[/]"
+        )
     if summary.interrupted:
         console.print(f"interrupted (Ctrl-C): continue with [bold]evomerge search --resume {summary.run_dir}[/]", soft_wrap=True)
         raise typer.Exit(code=130)
@@ -131,15 +141,30 @@ def search(
 def export(
     run_dir: Annotated[Path, typer.Argument(help="a search run directory")],
     trial: Annotated[int | None, typer.Option("--trial", help="trial id (default: the best)")] = None,
-    out: Annotated[Path | None, typer.Option("--out", help="write here instead of stdout")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="write here instead of stdout (with --pareto: a directory, default RUN_DIR/pareto)")] = None,
     mergekit: Annotated[bool, typer.Option("--mergekit", help="mergekit-runnable form (mergekit-multi when slices use several methods)")] = False,
+    pareto: Annotated[bool, typer.Option("--pareto", help="every Pareto-front member, one trial-NNNN.yaml each")] = False,
+    select: Annotated[str | None, typer.Option("--select", help=f"which trial is the best: {', '.join(RULES)} (default: the run's optimizer.select)")] = None,
 ) -> None:
     """Export the exact recipe a trial scored, as standalone YAML."""
-    from evomerge.export import dump_documents, to_mergekit_documents, trial_recipe
+    from evomerge.export import (
+        dump_documents,
+        export_front,
+        export_header,
+        to_mergekit_documents,
+        trial_recipe,
+    )
 
-    recipe, record = trial_recipe(run_dir, trial)
+    _check_rule(select)
+    if pareto:
+        if trial is not None or select is not None:
+            raise EvomergeError("--pareto exports every front member; it takes no --trial or --select")
+        files = export_front(run_dir, out or run_dir / "pareto", mergekit=mergekit)
+        Console(stderr=True).print(f"wrote {len(files)} front members to {files[0].parent}: {', '.join(f.name for f in files)}")
+        return
+    recipe, record = trial_recipe(run_dir, trial, select=select)
     text = dump_documents(to_mergekit_documents(recipe)) if mergekit else recipe.to_yaml()
-    header = f"# evomerge trial #{record['id']}, dev fitness {record['fitness']}\n"
+    header = export_header(record)
     if out is None:
         sys.stdout.write(header + text)
     else:
@@ -152,12 +177,20 @@ def export(
 def report(
     run_dir: Annotated[Path, typer.Argument(help="a search run directory")],
     device: Annotated[str | None, typer.Option(help="cpu or cuda")] = None,
+    select: Annotated[str | None, typer.Option("--select", help=f"which trial is the best: {', '.join(RULES)} (default: the run's optimizer.select)")] = None,
+    front_test: Annotated[int, typer.Option("--front-test", min=0, help="Pareto-front members scored on the test tasks (the rest: dev only)")] = 8,
 ) -> None:
-    """Plots (fitness.png, knobs.png) and the held-out table (report.md) of a run."""
+    """Plots (fitness.png, knobs.png, pareto.png) and the held-out table (report.md) of a run."""
     from evomerge.report import make_report
 
-    make_report(run_dir, device=device)
+    _check_rule(select)
+    make_report(run_dir, device=device, select=select, front_test=front_test)
     Console().print(f"report: {run_dir / 'report.md'}")
+
+
+def _check_rule(rule: str | None) -> None:
+    if rule is not None and rule not in RULES:
+        raise EvomergeError(f"--select: unknown rule '{rule}' (known: {', '.join(RULES)})")
 
 
 @app.command("eval")

@@ -1,5 +1,7 @@
 """Export a scored recipe: as evomerge runs it, and in a form mergekit runs unchanged.
 
+`export_front` writes every Pareto-front member of a run, one `trial-NNNN.yaml` each.
+
 mergekit has one `merge_method` per file. A recipe whose slices use different methods becomes a
 `mergekit-multi` file: one named merge per method (holding just that method's slices, in order),
 then a passthrough that stacks the layer ranges back in the original order. Kernels work tensor by
@@ -9,26 +11,32 @@ embeddings) and the part holding the last slice ends with it (final norm and hea
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from evomerge import pareto
 from evomerge.errors import EvomergeError
 from evomerge.recipe import Recipe
-from evomerge.run import read_trials
+from evomerge.run import CONFIG_FILE, read_trials
+from evomerge.search_config import parse_search_config
 
 
-def trial_recipe(run_dir: Path, trial: int | None = None) -> tuple[Recipe, dict[str, Any]]:
-    """The recipe of trial `trial` (default: the best), exactly as it was scored."""
+def trial_recipe(run_dir: Path, trial: int | None = None, *, select: str | None = None) -> tuple[Recipe, dict[str, Any]]:
+    """The recipe of trial `trial` (default: the best by `select`, else the run's
+    `optimizer.select` rule), exactly as it was scored."""
     trials = read_trials(run_dir)
     if not trials:
         raise EvomergeError(f"{run_dir}: no finished trials")
     if trial is None:
-        scored = [t for t in trials if t["fitness"] is not None]
-        if not scored:
+        record = pareto.select(pareto.trial_front(trials), select or run_select_rule(run_dir))
+        if record is None:
             raise EvomergeError(f"{run_dir}: every trial failed; nothing to export")
-        record = max(scored, key=lambda t: t["fitness"])
     else:
         matches = [t for t in trials if t["id"] == trial]
         if not matches:
@@ -36,7 +44,59 @@ def trial_recipe(run_dir: Path, trial: int | None = None) -> tuple[Recipe, dict[
         record = matches[0]
     if record.get("recipe") is None:
         raise EvomergeError(f"{run_dir}: trial {record['id']} has no recipe")
-    return Recipe.from_dict(record["recipe"], origin=f"trial {record['id']}"), record
+    return Recipe.from_dict(record["recipe"], origin=f"trial {record['id']}"), dict(record)
+
+
+def run_select_rule(run_dir: Path) -> str:
+    """The run's `optimizer.select` (the default rule for a run directory without a config)."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.exists():
+        return pareto.DEFAULT_RULE
+    return parse_search_config(yaml.safe_load(path.read_text()), origin=str(path)).optimizer.select
+
+
+def trial_file_name(trial_id: int) -> str:
+    return f"trial-{trial_id:04d}.yaml"
+
+
+def export_header(record: dict[str, Any]) -> str:
+    line = f"# evomerge trial #{record['id']}, dev fitness {record['fitness']}"
+    if len(record.get("objectives") or ()) > 1:
+        line += ", dev objectives " + " / ".join(f"{v:.4f}" for v in record["objectives"])
+    return line + "\n"
+
+
+def export_front(run_dir: Path, out_dir: Path, *, mergekit: bool = False) -> list[Path]:
+    """Write every Pareto-front member's recipe to `out_dir/trial-NNNN.yaml`; returns the files.
+
+    Written into a temporary directory beside `out_dir` and renamed into place; an earlier front
+    export there (nothing but trial-*.yaml files) is replaced, anything else is refused.
+    """
+    front = pareto.trial_front(read_trials(run_dir))
+    if not front:
+        raise EvomergeError(f"{run_dir}: no successful trial; no Pareto front to export")
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        strays = [p.name for p in out_dir.iterdir() if not _FRONT_FILE.fullmatch(p.name)] if out_dir.is_dir() else [out_dir.name]
+        if strays:
+            raise EvomergeError(f"--out {out_dir}: exists and holds {strays[0]}, which is not a front export; choose another directory")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    try:
+        for record in front:
+            recipe = Recipe.from_dict(record["recipe"], origin=f"trial {record['id']}")
+            text = dump_documents(to_mergekit_documents(recipe)) if mergekit else recipe.to_yaml()
+            (tmp / trial_file_name(record["id"])).write_text(export_header(record) + text)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return [out_dir / trial_file_name(t["id"]) for t in front]
+
+
+_FRONT_FILE = re.compile(r"trial-\d{4,}\.yaml")
 
 
 def needs_multi(recipe: Recipe) -> bool:

@@ -33,6 +33,7 @@ from evomerge.io.reader import ModelReader
 from evomerge.model_refs import resolve_model, resolve_recipe_refs
 from evomerge.optimize.base import Candidate, Optimizer
 from evomerge.optimize.registry import load_optimizer, make_optimizer, state_path
+from evomerge.pareto import DEFAULT_RULE, select, trial_front, updated_front
 from evomerge.preflight import check_search
 from evomerge.recipe import Recipe
 from evomerge.search_config import SearchConfig, load_search_config, parse_search_config
@@ -83,6 +84,8 @@ class RunSummary:
     best_fitness: float | None
     seconds: float
     interrupted: bool
+    select: str = DEFAULT_RULE  # the rule that picked best_id (evomerge.pareto)
+    front_ids: tuple[int, ...] = ()  # multi-objective runs: the Pareto front on the per-task objectives
 
 
 # ---- building the parts ----------------------------------------------------------------
@@ -272,9 +275,8 @@ class _Loop:
     def __init__(self, config: SearchConfig, space: SearchSpace | GenomeSpace, optimizer: Optimizer, log: TrialLog, run_dir: Path, done: dict[int, dict[str, Any]]):
         self.config, self.space, self.optimizer, self.log, self.run_dir = config, space, optimizer, log, run_dir
         self.done = done
-        self.best: dict[str, Any] | None = max(
-            (r for r in done.values() if r["fitness"] is not None), key=lambda r: r["fitness"], default=None
-        )
+        self.front = trial_front(done.values())
+        self.best = select(self.front, config.optimizer.select)
         self.points: dict[int, tuple[float, ...]] = {}
         self.recipes: dict[int, dict[str, Any]] = {}
         self.session_start = len(done)
@@ -341,13 +343,15 @@ class _Loop:
         self.log.append(record)  # logged first: a crash before the tell is reconciled on resume
         self.done[result.candidate_id] = record
         self.optimizer.tell(result.candidate_id, told_values(record, self.config.optimizer.per_task))
-        if result.fitness is not None and (self.best is None or result.fitness > self.best["fitness"]):
-            self.best = record
-            best = Recipe.from_dict(recipe)
-            atomic_write_text(self.run_dir / BEST_FILE, best.to_yaml())
+        self.front = updated_front(self.front, record)
+        best = select(self.front, self.config.optimizer.select)
+        if best is not self.best and best is not None:
+            self.best = best
+            recipe = Recipe.from_dict(best["recipe"])
+            atomic_write_text(self.run_dir / BEST_FILE, recipe.to_yaml())
             from evomerge.export import dump_documents, to_mergekit_documents  # export imports run
 
-            atomic_write_text(self.run_dir / MERGEKIT_BEST_FILE, dump_documents(to_mergekit_documents(best)))
+            atomic_write_text(self.run_dir / MERGEKIT_BEST_FILE, dump_documents(to_mergekit_documents(recipe)))
 
     def failure_message(self) -> str:
         """One line for a search in which no candidate scored."""
@@ -361,6 +365,7 @@ class _Loop:
             self.run_dir, len(self.done), failed,
             self.best["id"] if self.best else None, self.best["fitness"] if self.best else None,
             time.monotonic() - self.started, interrupted,
+            self.config.optimizer.select, tuple(t["id"] for t in self.front) if self.config.optimizer.per_task else (),
         )
 
 

@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evomerge.errors import ConfigError, ScoringError
+from evomerge.pareto import DEFAULT_RULE, SelectRule
 from evomerge.task_index import TaskSpec
 
 
@@ -61,6 +62,8 @@ class OptimizerConfig(_Strict):
     # fitness: one objective, the weighted mean; tasks: one per fitness task (Pareto search).
     # Default: tasks for optuna-nsga2, which needs several, fitness for the rest.
     objectives: Literal["fitness", "tasks"] | None = None
+    # which scored trial is "the best" (best.yaml, the report, export): a rule of evomerge.pareto
+    select: SelectRule = DEFAULT_RULE
     options: dict[str, Any] = {}
 
     @field_validator("kind")

@@ -234,6 +234,7 @@ def test_cli_search_with_ray_workers_writes_report(quick_zoo, ray_session, tmp_p
     report = json.loads((run_dir / "report.json").read_text())
     names = [r["name"] for r in report["rows"]]
     assert names[0].startswith("evolved") and "linear" in names and len(names) == 1 + 1 + len(quick_zoo.skills) + 1
+    assert "front" not in report and not (run_dir / "pareto.png").exists()  # one objective: no front section
     workers = {t["worker"] for t in read_trials(run_dir)}
     assert len(workers) == 2
 
