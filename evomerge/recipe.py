@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from evomerge.errors import RecipeError
-from evomerge.methods.registry import MethodSpec, ParamSpec, get_method
+from evomerge.methods.registry import METHODS, MethodSpec, ParamSpec, get_method
 
 log = logging.getLogger(__name__)
 
@@ -404,11 +405,21 @@ def _validate_block(method: MethodSpec, params: Parameters, *, scope: str, where
                 method.validate(name, coerced, f"{where}.{name}")
 
 
+_ALL_PARAMETER_NAMES = frozenset(p.name for m in METHODS.values() for p in m.params)
+
+
 def _check_names(methods: Sequence[MethodSpec], params: Parameters, *, where: str) -> None:
-    """A parameter no method of the block reads is a typo: an error listing the valid names."""
+    """A parameter no merge method has is a typo: an error listing the valid names.
+
+    One that only other methods read (`int8_mask` on linear, `normalize` on slerp) is ignored with a
+    warning, as mergekit ignores it: mergekit-evolve writes both into every recipe it produces.
+    """
     valid = {p.name for m in methods for p in m.params}
     for name in params:
-        if name not in valid:
+        if name not in valid and name in _ALL_PARAMETER_NAMES:
+            names = " or ".join(f"'{m.name}'" for m in methods)
+            warnings.warn(f"{where}: merge_method {names} does not use parameter '{name}'; ignored, as mergekit does", stacklevel=4)
+        elif name not in valid:
             names = " or ".join(f"'{m.name}'" for m in methods)
             raise RecipeError(
                 f"{where}: merge_method {names} has no parameter '{name}'; valid: {', '.join(sorted(valid)) or 'none'}"

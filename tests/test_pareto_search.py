@@ -48,7 +48,7 @@ def nsga2_run(quick_zoo, tmp_path_factory):
     )
     assert first.exit_code == 0, first.output
     first_front = pareto.trial_front(read_trials(run_dir))
-    resumed = search(None, run_dir=run_dir, resume=True, progress=False)
+    resumed = search(None, run_dir=run_dir, resume=True, max_evals=14, progress=False)
     return {
         "run_dir": run_dir,
         "output": first.output,

@@ -228,3 +228,15 @@ def test_per_slice_merge_method_extension():
     first, second = recipe.output_slices(LAYERS)
     assert first.merge_inputs() == (None, ["a", "b"])
     assert second.merge_inputs() == ("base", ["a", "b"])
+
+
+def test_a_parameter_only_other_methods_read_is_ignored_with_a_warning_as_mergekit_does():
+    # mergekit-evolve writes int8_mask and normalize into every recipe, whatever its method
+    data = {
+        "merge_method": "slerp", "base_model": "a", "parameters": {"t": 0.5, "normalize": True},
+        "models": [{"model": "a"}, {"model": "b"}],
+    }
+    with pytest.warns(UserWarning, match="merge_method 'slerp' does not use parameter 'normalize'; ignored"):
+        Recipe.from_dict(data)
+    with pytest.raises(RecipeError, match="has no parameter 'normalise'; valid: t"):
+        Recipe.from_dict({**data, "parameters": {"t": 0.5, "normalise": True}})
