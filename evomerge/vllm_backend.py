@@ -141,7 +141,9 @@ class VLLMEngine:
         self.args: dict[str, Any] = dict(engine_args or {})
         self.llm = llm if llm is not None else self._build(max_length, reserve_bytes)
         self.lm = VLLMLM(self.llm, self.model_dir, max_length=max_length)
-        self.loaded_from: Path | None = self.model_dir  # the engine starts with the reference weights
+        self.loaded_from: Path | None = (
+            self.model_dir
+        )  # the engine starts with the reference weights
 
     def _build(self, max_length: int | None, reserve_bytes: int) -> Any:
         # In-process engine: `reload_weights` then gets the caller's (lazy) iterator as is.
@@ -152,7 +154,11 @@ class VLLMEngine:
         check_architecture(self.model_dir, vllm.ModelRegistry.get_supported_archs())
         on_gpu = torch.cuda.is_available()
         self.args = engine_args_for(
-            self.model_dir, self.args, on_gpu=on_gpu, max_length=max_length, reserve_bytes=reserve_bytes
+            self.model_dir,
+            self.args,
+            on_gpu=on_gpu,
+            max_length=max_length,
+            reserve_bytes=reserve_bytes,
         )
         try:
             return vllm.LLM(model=str(self.model_dir), **self.args)
@@ -188,7 +194,9 @@ class VLLMEngine:
         if self.tie_word_embeddings:
             strays = [n for n in strays if not n.startswith("lm_head.")]
         if strays:
-            raise ScoringError(f"tensor {strays[0]} has no place in the vLLM engine of {self.model_dir}")
+            raise ScoringError(
+                f"tensor {strays[0]} has no place in the vLLM engine of {self.model_dir}"
+            )
         missing = sorted(self.expected_names - given)
         if missing:
             raise ScoringError(
@@ -196,9 +204,7 @@ class VLLMEngine:
                 f"vLLM would keep the previous model's"
             )
         self.loaded_from = None  # until the reload returns, the engine holds a mix
-        kept = (
-            (n, t) for n, t in weights if not n.endswith(SKIPPED_SUFFIXES)
-        )
+        kept = ((n, t) for n, t in weights if not n.endswith(SKIPPED_SUFFIXES))
         self.llm.collective_rpc(
             "reload_weights", kwargs={"weights_iterator": kept, "is_checkpoint_format": True}
         )
@@ -391,4 +397,3 @@ def _engine_max_length(llm: Any) -> int | None:
 def _one_line(e: BaseException) -> str:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     return f"{type(e).__name__}: {lines[-1] if lines else ''}"[:400]
-

@@ -71,23 +71,43 @@ class VLLMCandidateEvaluator:
         merge_seconds = 0.0
         try:
             recipe = Recipe.from_dict(job.recipe)
-            names, tensors = merge_stream(recipe, self.sources, device=self.device, seed=self.setup.seed)
+            names, tensors = merge_stream(
+                recipe, self.sources, device=self.device, seed=self.setup.seed
+            )
             self.engine.load_weights(tensors, names)
             merge_seconds = time.perf_counter() - t0
             score = self.scorer.score(self.engine)
         except Exception as e:  # a failed candidate must not stop the search
             return TrialResult(
-                job.candidate_id, "failed", None, error=_one_line(e), merge_seconds=merge_seconds,
-                score_seconds=time.perf_counter() - t0 - merge_seconds, worker=self.name,
+                job.candidate_id,
+                "failed",
+                None,
+                error=_one_line(e),
+                merge_seconds=merge_seconds,
+                score_seconds=time.perf_counter() - t0 - merge_seconds,
+                worker=self.name,
             )
         if not math.isfinite(score.fitness):
             return TrialResult(
-                job.candidate_id, "failed", None, score.metrics, "fitness is not finite",
-                merge_seconds, score.seconds, self.name,
+                job.candidate_id,
+                "failed",
+                None,
+                score.metrics,
+                "fitness is not finite",
+                merge_seconds,
+                score.seconds,
+                self.name,
             )
         return TrialResult(
-            job.candidate_id, "ok", score.fitness, score.metrics, None, merge_seconds,
-            score.seconds, self.name, score.objectives,
+            job.candidate_id,
+            "ok",
+            score.fitness,
+            score.metrics,
+            None,
+            merge_seconds,
+            score.seconds,
+            self.name,
+            score.objectives,
         )
 
     def score_model_dir(self, path: str) -> TrialResult:
@@ -96,7 +116,9 @@ class VLLMCandidateEvaluator:
         self.engine.load(path)
         load_seconds = time.perf_counter() - t0
         score = self.scorer.score(self.engine)
-        return TrialResult(-1, "ok", score.fitness, score.metrics, None, load_seconds, score.seconds, self.name)
+        return TrialResult(
+            -1, "ok", score.fitness, score.metrics, None, load_seconds, score.seconds, self.name
+        )
 
     def ping(self) -> str:
         return self.name
