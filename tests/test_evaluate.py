@@ -382,6 +382,29 @@ def test_cli_eval_with_the_vllm_backend_without_vllm_is_one_line(family):
     assert "needs vLLM" in result.output and len(result.output.strip().splitlines()) == 1
 
 
+def test_vllm_search_fields_and_worker_dispatch():
+    from evomerge.errors import ConfigError
+    from evomerge.search_config import parse_search_config
+    from evomerge.vllm_worker import VLLMCandidateEvaluator
+    from evomerge.workers import CandidateEvaluator, WorkerSetup, evaluator_class
+
+    base = {"models": ["a"], "space": {"methods": ["linear"], "knobs": {"weight": None}}, "tasks": ["t1"]}
+    config = parse_search_config(
+        {**base, "backend": "vllm", "source_device": "cpu", "engine_args": {"enforce_eager": True}}
+    )
+    assert (config.source_device, config.engine_args) == ("cpu", {"enforce_eager": True})
+    with pytest.raises(ConfigError, match="source_device is for backend vllm"):
+        parse_search_config({**base, "source_device": "cpu"})
+    with pytest.raises(ConfigError, match="source_device"):
+        parse_search_config({**base, "backend": "vllm", "source_device": "cuda"})
+
+    setup = WorkerSetup(models=("a",), reference_model="a", tasks=("t1",))
+    assert evaluator_class(setup) is CandidateEvaluator
+    vllm_setup = WorkerSetup(models=("a",), reference_model="a", tasks=("t1",), backend="vllm")
+    assert evaluator_class(vllm_setup) is VLLMCandidateEvaluator
+    assert evaluator_class(vllm_setup, FakeLLM) is FakeLLM  # a caller's own class wins
+
+
 def _has_vllm() -> bool:
     import importlib.util
 
