@@ -307,7 +307,7 @@ class Scorer:
 
         if isinstance(model, VLLMEngine):  # a worker's engine, its weights already swapped in
             return model.lm
-        if self._vllm is None:
+        if self._vllm is None or self._vllm.closed:  # closed: another engine took its place
             self._vllm = VLLMEngine(
                 reference_dir(model), max_length=self.max_length, engine_args=self.engine_args
             )

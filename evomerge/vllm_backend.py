@@ -21,8 +21,10 @@ tensors reach it without a copy through IPC and may be streamed lazily.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,10 @@ SKIPPED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.
 DEFAULT_ENGINE_ARGS: dict[str, Any] = {"enable_prefix_caching": False}
 # What a GPU engine needs besides its weights, as a multiple of them: KV cache and activations.
 ENGINE_WEIGHT_FACTOR = 1.5
+# The live engine this process built. vLLM keeps its distributed state per process, and an
+# in-process engine tears it down when it shuts down (or is garbage-collected), which breaks any
+# other engine in the process: so one at a time, the older one shut down before a new one starts.
+_current: weakref.ref[VLLMEngine] | None = None
 
 
 def import_vllm() -> Any:
@@ -151,7 +157,11 @@ class VLLMEngine:
         vllm = import_vllm()
         import torch
 
+        global _current
         check_architecture(self.model_dir, vllm.ModelRegistry.get_supported_archs())
+        previous = _current() if _current is not None else None
+        if previous is not None:
+            previous.close()
         on_gpu = torch.cuda.is_available()
         self.args = engine_args_for(
             self.model_dir,
@@ -161,11 +171,17 @@ class VLLMEngine:
             reserve_bytes=reserve_bytes,
         )
         try:
-            return vllm.LLM(model=str(self.model_dir), **self.args)
+            llm = vllm.LLM(model=str(self.model_dir), **self.args)
         except Exception as e:  # out of memory, a config vLLM rejects, a bad engine argument...
             raise ScoringError(
                 f"vLLM could not build an engine for {self.model_dir}: {_one_line(e)}"
             ) from e
+        _current = weakref.ref(self)
+        return llm
+
+    @property
+    def closed(self) -> bool:
+        return self.llm is None
 
     def load(self, model: Any) -> None:
         """Put a model's weights in the engine: a model directory or a live `torch.nn.Module`."""
@@ -189,6 +205,10 @@ class VLLMEngine:
         Every checkpoint tensor of the reference model must come, or vLLM would keep parts of
         the previous weights; `weights` is consumed lazily, one tensor at a time.
         """
+        if self.closed:
+            raise ScoringError(
+                f"the vLLM engine for {self.model_dir} was shut down (a newer engine was built in this process)"
+            )
         given = {n for n in names if not n.endswith(SKIPPED_SUFFIXES)}
         strays = sorted(given - self.expected_names)
         if self.tie_word_embeddings:
@@ -213,8 +233,13 @@ class VLLMEngine:
             raise ScoringError("vLLM could not reset its prefix cache after loading new weights")
 
     def close(self) -> None:
+        """Shut the engine down now (its memory and this process's vLLM distributed state)."""
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
         self.lm = None
         self.llm = None
+        if core is not None:
+            core.shutdown()
+            gc.collect()
 
 
 def reference_dir(model: Any) -> Path:

@@ -324,6 +324,9 @@ def test_vllm_engine_streams_checkpoint_weights_into_reload_weights(family):
     with pytest.raises(ScoringError, match="tensor model.extra.weight has no place in the vLLM engine"):
         engine.load_weights([], [*state, "model.extra.weight"])
     assert len(llm.reloads) == 2  # names are checked before anything reaches the engine
+    engine.close()
+    with pytest.raises(ScoringError, match="was shut down"):
+        engine.load(family["a"])
 
 
 def test_vllm_memory_share_leaves_room_for_merging(family):

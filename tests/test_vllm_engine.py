@@ -183,7 +183,8 @@ def test_search_with_the_vllm_backend_runs_and_its_best_rescores(quick_zoo, tmp_
     path.write_text(yaml.safe_dump(config))
     summary = search(path, run_dir=tmp_path / "run", progress=False)
     trials = read_trials(summary.run_dir)
-    assert len(trials) == 4 and all(t["status"] == "ok" for t in trials)
+    assert len(trials) == 4
+    assert [t.get("error") for t in trials if t["status"] != "ok"] == []
     recipe, record = trial_recipe(summary.run_dir)
     assert record["fitness"] == max(t["fitness"] for t in trials)
     merge_to_disk(recipe, tmp_path / "best", progress=False)
