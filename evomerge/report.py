@@ -28,7 +28,7 @@ from evomerge.run import (
 )
 from evomerge.search_config import SearchConfig, parse_search_config
 from evomerge.task_index import TaskSpec
-from evomerge.workers import CandidateEvaluator, Job
+from evomerge.workers import Job, evaluator_class
 
 FRONT_TEST = 8  # front members scored on the test tasks by default (one scoring each)
 
@@ -126,11 +126,13 @@ class ReportScorer:
         self.config = config
         self.setup = build_setup(config, device=device)
         tasks = _unique(config.tasks + config.test_tasks)
-        self.evaluator = CandidateEvaluator(replace(self.setup.worker, tasks=tuple(tasks), limit=None))
+        worker = replace(self.setup.worker, tasks=tuple(tasks), limit=None)
+        self.evaluator = evaluator_class(worker)(worker)
         # task -> +1 if higher is better else -1, as the scorer resolved it (None: the task's own config)
         self.signs = {spec.name: sign for spec, _, sign in self.evaluator.scorer.terms}
         worker = self.setup.worker
-        self.search_scorer = None if config.limit is None else Scorer(
+        # (a vLLM worker has no live HF model to re-score: its rows keep the full-split dev scores)
+        self.search_scorer = None if config.limit is None or worker.backend != "hf" else Scorer(
             worker.tasks, include_paths=worker.include_paths, limit=worker.limit, batch_size=worker.batch_size,
             device=self.evaluator.device,
             backend="hf",  # on the evaluator's live HF model; a second vLLM engine would double the GPU memory

