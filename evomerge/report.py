@@ -18,7 +18,7 @@ from evomerge.run import (
     resolve_recipe_refs,
 )
 from evomerge.search_config import SearchConfig, TaskEntry, parse_search_config
-from evomerge.workers import CandidateEvaluator, Job
+from evomerge.workers import Job, evaluator_class
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ def evaluate_rows(config: SearchConfig, best: dict[str, Any] | None, *, device: 
     setup = build_setup(config, device=device)
     tasks = _unique(config.tasks + config.test_tasks)
     worker = replace(setup.worker, tasks=tuple(t.model_dump() for t in tasks), limit=None)
-    evaluator = CandidateEvaluator(worker)
+    evaluator = evaluator_class(worker)(worker)
     rows = []
     if best is not None:
         result = evaluator.evaluate(Job(best["id"], best["recipe"]))

@@ -44,6 +44,29 @@ class SpaceConfig(_Strict):
         return self
 
 
+class DfsScaleBounds(_Strict):
+    """Input scales of the data-flow space, searched on a log scale; positive so the export stays exact."""
+
+    low: float = Field(default=0.5, gt=0)
+    high: float = Field(default=2.0, gt=0)
+    per: Literal["transition", "layer"] = "transition"  # W[i, j] per pair of layers (the paper), or one per layer
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DfsScaleBounds:
+        if self.high < self.low:
+            raise ValueError(f"high ({self.high}) must be >= low ({self.low})")
+        return self
+
+
+class DfsConfig(_Strict):
+    """Data-flow-space search (evomerge/dfs.py): the path through the layers of `models` (model A first)."""
+
+    repeats: int = Field(default=2, ge=1)  # the layer sequence of all models, repeated this often
+    min_layers: int = Field(default=1, ge=1)
+    max_layers: int | None = Field(default=None, ge=1)  # None: the layers of all models, once
+    scale: DfsScaleBounds = DfsScaleBounds()
+
+
 class TaskEntry(_Strict):
     name: str
     metric: str = "acc"
@@ -76,7 +99,8 @@ class SearchConfig(_Strict):
     base_model: str | None = None
     tokenizer_source: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    space: SpaceConfig
+    space: SpaceConfig | None = None  # parameter space (give this or dfs)
+    dfs: DfsConfig | None = None  # data-flow space
     tasks: list[TaskEntry] = Field(min_length=1)
     test_tasks: list[TaskEntry] = []
     task_paths: list[str] = []  # folders of the user's own lm-eval task YAMLs (besides tasks/)
@@ -90,6 +114,12 @@ class SearchConfig(_Strict):
     device: str | None = None
     backend: Literal["hf", "vllm"] = "hf"  # lm-eval model backend; vllm needs a GPU and the [vllm] extra
     batch_size: int = Field(default=64, ge=1)
+
+    @model_validator(mode="after")
+    def _one_space(self) -> SearchConfig:
+        if (self.space is None) == (self.dfs is None):
+            raise ValueError("give exactly one of 'space' (parameter space) or 'dfs' (data-flow space)")
+        return self
 
     @field_validator("tasks", "test_tasks", mode="before")
     @classmethod

@@ -37,6 +37,10 @@ class WorkerSetup:
     threads: int | None = None
     include_paths: tuple[str, ...] = ()
     backend: Literal["hf", "vllm"] = "hf"
+    # "path": a data-flow-space worker (evomerge/path_worker.py) scoring passthrough recipes as live layer paths
+    evaluator: Literal["merge", "path"] = "merge"
+    recipe_models: tuple[tuple[str, Mapping[str, Any]], ...] = ()  # path worker: models given as recipes
+    path_reference: str | None = None  # path worker: the model whose shell hosts the paths (model A)
 
 
 @dataclass(frozen=True)
@@ -275,12 +279,22 @@ def make_pool(
     *,
     address: str | None = None,
     num_gpus: float = 0.0,
-    evaluator_cls: type[CandidateEvaluator] = CandidateEvaluator,
+    evaluator_cls: type[CandidateEvaluator] | None = None,
 ) -> SerialPool | RayPool:
     """`workers == 0`: in-process; otherwise that many Ray actors."""
+    evaluator_cls = evaluator_cls or evaluator_class(setup)
     if workers == 0:
         return SerialPool(setup, evaluator_cls=evaluator_cls)
     return RayPool(setup, workers, address=address, num_gpus=num_gpus, evaluator_cls=evaluator_cls)
+
+
+def evaluator_class(setup: WorkerSetup) -> Any:
+    """The evaluator a setup asks for: merge-and-load, or the data-flow space's layer paths."""
+    if setup.evaluator == "path":
+        from evomerge.path_worker import PathEvaluator
+
+        return PathEvaluator
+    return CandidateEvaluator
 
 
 def _check_local_resources(ray: Any, cpus: float, gpus: float) -> None:
