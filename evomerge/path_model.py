@@ -196,11 +196,11 @@ def _scaled(module: nn.Module, scales: Mapping[str, float | None]) -> nn.Module:
 
 
 def _shallow(module: nn.Module) -> nn.Module:
-    """A new module object with its own child/parameter tables, sharing every tensor."""
+    """A new module object with its own child, parameter, buffer and hook tables, sharing every tensor."""
     new = copy.copy(module)
-    new._modules = dict(module._modules)
-    new._parameters = dict(module._parameters)
-    new._buffers = dict(module._buffers)
+    for key, value in module.__dict__.items():
+        if isinstance(value, dict):  # _modules, _parameters, _buffers, _forward_pre_hooks, ...
+            new.__dict__[key] = copy.copy(value)
     return new
 
 
