@@ -219,12 +219,14 @@ class DfsSpace:
         """The point that decodes to `recipe` (a passthrough over these models; scales clipped to the bounds)."""
         steps = self._steps_of(recipe)
         refs = {s.ref: m for m, s in enumerate(self.sources)}
+        refs.update({str(Path(s.ref).expanduser().resolve()): m for m, s in enumerate(self.sources)})
         x = [OFF] * len(self.slots)
         for k in range(len(self.slots), self.dim):
             x.append(self.knobs[k].encode(1.0))
         cursor, origin, s_prev = 0, EMBED, 1.0
         seen: set[int] = set()
         for model_ref, layer, factor in steps:
+            model_ref = model_ref if model_ref in refs else str(Path(model_ref).expanduser().resolve())
             if model_ref not in refs:
                 raise ConfigError(f"dfs warm start: model '{model_ref}' is not one of the dfs models")
             model = refs[model_ref]
@@ -254,9 +256,9 @@ class DfsSpace:
                 factor = evaluate_setting(setting, tensor=f"model.layers.{layer}.self_attn.o_proj.weight", t=0.0)
                 steps.append((src.model, layer, float(factor) if factor is not None else 1.0))
         a = self.sources[0].ref
-        while steps and steps[0][2] == 0.0 and steps[0][0] == a:
+        while steps and steps[0][2] == 0.0 and _same(steps[0][0], a):
             steps.pop(0)
-        while steps and steps[-1][2] == 0.0 and steps[-1][0] == a:
+        while steps and steps[-1][2] == 0.0 and _same(steps[-1][0], a):
             steps.pop()
         if any(f <= 0 for _, _, f in steps):
             raise ConfigError("dfs warm start: scale factors must be positive")
@@ -274,6 +276,10 @@ def scale_setting(factor: float) -> list[dict[str, Any]]:
     return [*({"filter": p, "value": factor} for p in OUTPUT_PROJECTIONS), {"value": 1.0}]
 
 
+def _same(ref: str, other: str) -> bool:
+    return ref == other or str(Path(ref).expanduser().resolve()) == other
+
+
 def _origin(name: str | None) -> int | None:
     if name is None:
         return None
@@ -289,7 +295,7 @@ def _round(value: float) -> float:
 def build_dfs_setup(config: Any, *, device: str | None = None) -> Any:
     """The `SearchSetup` of a config with a `dfs:` section: the space and a path worker. Reads configs only."""
     from evomerge.path_worker import recipe_models
-    from evomerge.run import SearchSetup, resolve_model
+    from evomerge.run import SearchSetup, resolve_model, resolve_recipe_refs
     from evomerge.workers import WorkerSetup
 
     assert config.dfs is not None
@@ -303,6 +309,9 @@ def build_dfs_setup(config: Any, *, device: str | None = None) -> Any:
     sources = [read_source(ref) for ref in refs]
     space = DfsSpace(config.dfs, sources, dtype=config.dtype)
     model_dirs = dict.fromkeys(m for s in sources for m in (s.recipe.referenced_models() if s.recipe else [s.ref]))
+    for name, data in config.baselines.items():  # the report scores them with the same workers
+        baseline = Recipe.from_dict(resolve_recipe_refs(data), origin=f"baselines.{name}")
+        model_dirs.update(dict.fromkeys(resolve_model(m) for m in baseline.referenced_models()))
     a = sources[0]
     worker = WorkerSetup(
         models=tuple(model_dirs),

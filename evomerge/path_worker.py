@@ -64,12 +64,17 @@ class PathEvaluator:
         )
 
     def score_model_dir(self, path: str) -> TrialResult:
-        """A source model: a directory as usual; a model given as a recipe, as the path through all its layers."""
-        if path in self.path.models and path not in self.merger.sources:
+        """Score a model: a loaded source as usual; a model given as a recipe, as the path through all its
+        layers; any other directory (e.g. an exported path, whose layer count differs) loaded for this call."""
+        if path in self.merger.sources:
+            return self.merger.score_model_dir(path)
+        if path in self.path.models:
             n = int(self.path.models[path].config.num_hidden_layers)
             recipe = {"merge_method": "passthrough", "slices": [{"sources": [{"model": path, "layer_range": [0, n]}]}]}
             return self.evaluate(Job(-1, recipe))
-        return self.merger.score_model_dir(path)
+        t0 = time.perf_counter()
+        score = self.merger.scorer.score(path)
+        return TrialResult(-1, "ok", score.fitness, score.metrics, None, time.perf_counter() - t0 - score.seconds, score.seconds, self.name)
 
     def ping(self) -> str:
         return self.name

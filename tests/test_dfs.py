@@ -323,7 +323,16 @@ def test_ps_dfs_recipe_model_merges_and_exports_for_mergekit(llama_family, tmp_p
     documents = to_mergekit_documents(recipe)
     assert [d.get("name") for d in documents] == ["evomerge-model-0", None]
     assert documents[0]["merge_method"] == "ties"
-    assert {s["sources"][0]["model"] for s in documents[1]["slices"]} == {"evomerge-model-0", str(llama_family["a"]), str(llama_family["b"])}
+    assert {s["sources"][0]["model"] for s in documents[1]["slices"]} <= {"evomerge-model-0", str(llama_family["a"]), str(llama_family["b"])}
+    mergekit_multi = pytest.importorskip("mergekit.scripts.multimerge")
+    from click.testing import CliRunner  # mergekit's commands are plain click
+
+    multi = tmp_path / "multi.yaml"
+    multi.write_text(yaml.safe_dump_all(documents))
+    args = [str(multi), "--intermediate-dir", str(tmp_path / "parts"), "--out-path", str(tmp_path / "theirs")]
+    result = CliRunner().invoke(mergekit_multi.main, args)
+    assert result.exit_code == 0, result.output
+    torch.testing.assert_close(ours, _logits(_load(tmp_path / "theirs"), ids), atol=1e-5, rtol=1e-5)
 
 
 def test_unknown_warm_start_model_is_refused(llama_family):
@@ -331,3 +340,58 @@ def test_unknown_warm_start_model_is_refused(llama_family):
     other = Recipe.from_dict({"merge_method": "passthrough", "slices": [{"sources": [{"model": "/elsewhere", "layer_range": [0, 1]}]}]})
     with pytest.raises(EvomergeError, match="not one of the dfs models"):
         space.encode(other)
+
+
+# ---- the search, end to end ------------------------------------------------------------------
+
+
+def test_dfs_search_exports_the_model_it_scored(quick_zoo, tmp_path):
+    from typer.testing import CliRunner
+
+    from evomerge.cli import app
+    from evomerge.export import trial_recipe
+    from evomerge.run import build_setup, search
+    from evomerge.search_config import load_search_config
+    from evomerge.workers import evaluator_class
+
+    a, *others = (str(quick_zoo.specialists[s]) for s in quick_zoo.skills)
+    config = {
+        "models": [a, *others],
+        "dfs": {"repeats": 2, "min_layers": 2, "max_layers": 8},
+        "tasks": [f"zoo_{s}_dev" for s in quick_zoo.skills],
+        "limit": 8,
+        "optimizer": {"kind": "cma", "popsize": 4, "sigma0": 0.3, "seed": 0},
+        "warm_start": [{"merge_method": "passthrough", "slices": [{"sources": [{"model": a, "layer_range": [0, 2]}]}]}],
+        "budget": {"max_evals": 4},
+        "workers": 0,
+    }
+    path = tmp_path / "dfs.yaml"
+    path.write_text(yaml.safe_dump(config))
+    summary = search(path, run_dir=tmp_path / "run", progress=False)
+    assert summary.trials == 4 and summary.failed == 0
+    first = json.loads((tmp_path / "run" / "trials.jsonl").read_text().splitlines()[0])
+    assert first["recipe"]["slices"] == [{"sources": [{"model": a, "layer_range": [0, 2]}]}]  # the warm start
+
+    runner = CliRunner()
+    out_yaml, merged = tmp_path / "best.yaml", tmp_path / "merged"
+    assert runner.invoke(app, ["export", str(summary.run_dir), "--out", str(out_yaml)]).exit_code == 0
+    recipe, record = trial_recipe(summary.run_dir)
+    assert Recipe.load(out_yaml) == recipe and recipe.merge_method == "passthrough"
+    result = runner.invoke(app, ["merge", str(out_yaml), "--out", str(merged), "-q"])
+    assert result.exit_code == 0, result.output
+    setup = build_setup(load_search_config(summary.run_dir / "config.yaml")[0])
+    evaluator = evaluator_class(setup.worker)(setup.worker)
+    assert evaluator.score_model_dir(str(merged)).fitness == pytest.approx(record["fitness"], abs=1e-6)
+
+
+def test_cli_refuses_a_gpt2_dfs_before_loading(gpt2_family, tmp_path):
+    from typer.testing import CliRunner
+
+    from evomerge.cli import app
+
+    path = tmp_path / "dfs.yaml"
+    path.write_text(yaml.safe_dump({"models": [str(gpt2_family["a"]), str(gpt2_family["b"])], "dfs": {}, "tasks": ["zoo_addition_dev"]}))
+    result = CliRunner().invoke(app, ["search", str(path), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    assert "pre-norm decoder" in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
