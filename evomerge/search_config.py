@@ -157,4 +157,4 @@ def parse_search_config(raw: Any, *, origin: str = "<config>") -> SearchConfig:
         err = e.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
         msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"{origin}: {loc}: {msg}") from None
+        raise ConfigError(f"{origin}: {loc + ': ' if loc else ''}{msg}") from None
