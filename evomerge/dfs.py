@@ -266,7 +266,7 @@ class DfsSpace:
 
     def describe(self) -> list[dict[str, Any]]:
         return [
-            {"label": k.label, "param": k.param, "group": k.group, "model": k.model, "filter": k.filter, "low": k.low, "high": k.high}
+            {"label": k.label, "param": k.param, "group": k.group, "model": k.model, "filter": k.filter, "low": k.low, "high": k.high, "log": k.log}
             for k in self.knobs
         ]
 
