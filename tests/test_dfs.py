@@ -395,3 +395,19 @@ def test_cli_refuses_a_gpt2_dfs_before_loading(gpt2_family, tmp_path):
     assert result.exit_code == 2
     assert "pre-norm decoder" in result.output and len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name", ["dfs.yaml", "ps_dfs.yaml"])
+def test_shipped_dfs_spaces_are_valid(name):
+    from evomerge.dfs import PathSource
+
+    path = Path(__file__).parents[1] / "search_spaces" / name
+    config = parse_search_config(yaml.safe_load(path.read_text()), origin=str(path))
+    assert config.dfs is not None and config.backend == "hf"
+    sources = [PathSource(m, 4, {"hidden_size": 128, "vocab_size": 64}) for m in config.models]
+    space = DfsSpace(config.dfs, sources, dtype=config.dtype)
+    (warm,) = config.warm_start
+    x = space.encode(Recipe.from_dict(warm))
+    assert space.decode(x).to_dict() == {**Recipe.from_dict(warm).to_dict(), "dtype": config.dtype}
+    for baseline_name, baseline in config.baselines.items():
+        Recipe.from_dict(baseline, origin=baseline_name)
