@@ -104,7 +104,15 @@ def needs_multi(recipe: Recipe) -> bool:
 
 
 def to_mergekit_documents(recipe: Recipe, *, prefix: str = "evomerge-part") -> list[dict[str, Any]]:
-    """One document if mergekit can run the recipe as is; else mergekit-multi documents."""
+    """One document if mergekit can run the recipe as is; else mergekit-multi documents.
+
+    A model given as a recipe file (PS+DFS: model A is a PS merge) becomes a named merge of its own first.
+    """
+    inner = _recipe_models_as_documents(recipe)
+    if inner:
+        renamed = recipe.to_dict()
+        _rename_models(renamed, {ref: docs[-1]["name"] for ref, docs in inner.items()})
+        return [*(d for docs in inner.values() for d in docs), *to_mergekit_documents(Recipe.from_dict(renamed), prefix=prefix)]
     if not needs_multi(recipe):
         data = recipe.to_dict()
         for s in data.get("slices", []):
@@ -143,6 +151,28 @@ def to_mergekit_documents(recipe: Recipe, *, prefix: str = "evomerge-part") -> l
     if "dtype" in top:
         assembly["dtype"] = top.get("out_dtype", top["dtype"])
     return [*documents, assembly]
+
+
+def _recipe_models_as_documents(recipe: Recipe) -> dict[str, list[dict[str, Any]]]:
+    out = {}
+    for i, ref in enumerate(m for m in recipe.referenced_models() if Path(m).suffix in (".yaml", ".yml")):
+        name = f"evomerge-model-{i}"
+        docs = to_mergekit_documents(Recipe.load(ref), prefix=f"{name}-part")
+        docs[-1]["name"] = name
+        out[ref] = docs
+    return out
+
+
+def _rename_models(data: Any, names: dict[str, str]) -> None:
+    if isinstance(data, dict):
+        for k, v in data.items():
+            if k in ("model", "base_model") and isinstance(v, str) and v in names:
+                data[k] = names[v]
+            else:
+                _rename_models(v, names)
+    elif isinstance(data, list):
+        for v in data:
+            _rename_models(v, names)
 
 
 def _slice_layers(s: dict[str, Any]) -> int:

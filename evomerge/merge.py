@@ -225,9 +225,56 @@ def merge_to_state_dict(
     return dict(execute(recipe, plan, sources, device=device, seed=seed))
 
 
-def open_sources(recipe: Recipe, *, allow_pickle: bool = False) -> dict[str, ModelReader]:
-    """Lazy readers for every model the recipe names (paths relative to the working directory)."""
-    return {name: ModelReader(Path(name), allow_pickle=allow_pickle) for name in recipe.referenced_models()}
+def open_sources(recipe: Recipe, *, allow_pickle: bool = False) -> dict[str, TensorSource]:
+    """Lazy readers for every model the recipe names (paths relative to the working directory).
+
+    A model given as a recipe file (`.yaml`: e.g. model A of a PS+DFS recipe is a PS merge) is merged
+    in memory first.
+    """
+    return {name: _open_source(name, allow_pickle) for name in recipe.referenced_models()}
+
+
+def _open_source(name: str, allow_pickle: bool) -> TensorSource:
+    path = Path(name)
+    if path.suffix not in (".yaml", ".yml"):
+        return ModelReader(path, allow_pickle=allow_pickle)
+    inner = Recipe.load(path)
+    sources = open_sources(inner, allow_pickle=allow_pickle)
+    plan = plan_merge(inner, sources)
+    return MaterializedModel(plan, dict(execute(inner, plan, sources)), sources[plan.reference_model])
+
+
+class MaterializedModel:
+    """A recipe's merge held in memory, readable like a model on disk (config and tokenizer from its reference)."""
+
+    def __init__(self, plan: MergePlan, tensors: dict[str, torch.Tensor], reference: TensorSource):
+        self.tensors = tensors
+        self.path = getattr(reference, "path", None)
+        self._config = output_config(plan, reference.config)
+        self._num_layers = plan.num_layers
+
+    @property
+    def names(self) -> Sequence[str]:
+        return list(self.tensors)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self._config
+
+    @property
+    def num_layers(self) -> int:
+        return self._num_layers
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.tensors[name].shape)
+
+    def get(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
+        if name not in self.tensors:
+            raise CheckpointError(f"tensor {name} not found in the merge of {self.path}")
+        return self.tensors[name].to(device=device, dtype=dtype or self.tensors[name].dtype)
 
 
 def merge_to_disk(

@@ -52,6 +52,12 @@ def check_search(config: SearchConfig) -> SearchConfig:
     with a concrete metric; tags expanded), which is what the search and the report score.
     """
     _check_task_paths(config.task_paths)
+    if config.dfs is not None:
+        from evomerge.dfs import build_dfs_setup
+
+        build_dfs_setup(config)  # reads configs and headers only: architectures, sizes, path bounds, baselines
+        return resolve_tasks(config)
+    assert config.space is not None
     _check_space_config(config.space)
     models = {
         f"models[{i}]": _model_dir(f"models[{i}]", ref) for i, ref in enumerate(config.models)

@@ -86,7 +86,10 @@ def knob_heatmap(space: list[dict[str, Any]], x: list[float], path: Path) -> Non
     rows: dict[str, dict[int, tuple[float, float]]] = {}
     for knob, u in zip(space, x, strict=True):
         label = ".".join(p for p in (knob["param"], _short(knob["model"]), knob["filter"]) if p)
-        value = knob["low"] + u * (knob["high"] - knob["low"])
+        if knob.get("log"):  # e.g. the data-flow space's scales
+            value = knob["low"] * (knob["high"] / knob["low"]) ** u
+        else:
+            value = knob["low"] + u * (knob["high"] - knob["low"])
         rows.setdefault(label, {})[knob["group"]] = (u, value)
     groups = max(k["group"] for k in space) + 1
     grid = np.full((len(rows), groups), np.nan)

@@ -102,6 +102,11 @@ class SearchSetup:
 
 def build_setup(config: SearchConfig, *, device: str | None = None) -> SearchSetup:
     """Resolve models, read the reference model's layout, build the space. Fails before any heavy work."""
+    if config.dfs is not None:
+        from evomerge.dfs import build_dfs_setup
+
+        return build_dfs_setup(config, device=device)
+    assert config.space is not None
     models = [resolve_model(m) for m in config.models]
     base = resolve_model(config.base_model) if config.base_model else None
     tokenizer = resolve_model(config.tokenizer_source) if config.tokenizer_source and config.tokenizer_source != "base" else None

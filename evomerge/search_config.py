@@ -54,6 +54,29 @@ class SpaceConfig(_Strict):
         return self
 
 
+class DfsScaleBounds(_Strict):
+    """Input scales of the data-flow space, searched on a log scale; positive so the export stays exact."""
+
+    low: float = Field(default=0.5, gt=0)
+    high: float = Field(default=2.0, gt=0)
+    per: Literal["transition", "layer"] = "transition"  # W[i, j] per pair of layers (the paper), or one per layer
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DfsScaleBounds:
+        if self.high < self.low:
+            raise ValueError(f"high ({self.high}) must be >= low ({self.low})")
+        return self
+
+
+class DfsConfig(_Strict):
+    """Data-flow-space search (evomerge/dfs.py): the path through the layers of `models` (model A first)."""
+
+    repeats: int = Field(default=2, ge=1)  # the layer sequence of all models, repeated this often
+    min_layers: int = Field(default=1, ge=1)
+    max_layers: int | None = Field(default=None, ge=1)  # None: the layers of all models, once
+    scale: DfsScaleBounds = DfsScaleBounds()
+
+
 class OptimizerConfig(_Strict):
     kind: str = "cma"  # one of evomerge.optimize.KINDS
     seed: int = 0
@@ -91,7 +114,8 @@ class SearchConfig(_Strict):
     base_model: str | None = None
     tokenizer_source: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    space: SpaceConfig
+    space: SpaceConfig | None = None  # parameter space (give this or dfs)
+    dfs: DfsConfig | None = None  # data-flow space
     tasks: list[TaskSpec] = Field(min_length=1)  # fitness: a bare name scores the task's main metric
     test_tasks: list[TaskSpec] = []
     task_paths: list[str] = []  # folders of the user's own lm-eval task YAMLs (besides tasks/)
@@ -116,6 +140,12 @@ class SearchConfig(_Strict):
             for name in ("source_device", "engine_args"):
                 if getattr(self, name):
                     raise ValueError(f"{name} is for backend vllm (backend is {self.backend})")
+        return self
+
+    @model_validator(mode="after")
+    def _one_space(self) -> SearchConfig:
+        if (self.space is None) == (self.dfs is None):
+            raise ValueError("give exactly one of 'space' (parameter space) or 'dfs' (data-flow space)")
         return self
 
     @field_validator("tasks", "test_tasks", mode="before")
@@ -154,4 +184,4 @@ def parse_search_config(raw: Any, *, origin: str = "<config>") -> SearchConfig:
         err = e.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
         msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"{origin}: {loc}: {msg}") from None
+        raise ConfigError(f"{origin}: {loc + ': ' if loc else ''}{msg}") from None

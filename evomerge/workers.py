@@ -44,6 +44,10 @@ class WorkerSetup:
     # memory, each tensor moved to the device only for its merge. See evomerge.vllm_worker.
     source_device: str | None = None
     engine_args: Mapping[str, Any] = field(default_factory=dict)  # vllm.LLM keyword arguments
+    # "path": a data-flow-space worker (evomerge/path_worker.py) scoring passthrough recipes as live layer paths
+    evaluator: Literal["merge", "path"] = "merge"
+    recipe_models: tuple[tuple[str, Mapping[str, Any]], ...] = ()  # path worker: models given as recipes
+    path_reference: str | None = None  # path worker: the model whose shell hosts the paths (model A)
 
 
 @dataclass(frozen=True)
@@ -337,7 +341,7 @@ def make_pool(
     *,
     address: str | None = None,
     num_gpus: float = 0.0,
-    evaluator_cls: type[CandidateEvaluator] = CandidateEvaluator,
+    evaluator_cls: type[CandidateEvaluator] | None = None,
 ) -> SerialPool | RayPool:
     """`workers == 0`: in-process; otherwise that many Ray actors."""
     evaluator_cls = evaluator_class(setup, evaluator_cls)
@@ -346,13 +350,20 @@ def make_pool(
     return RayPool(setup, workers, address=address, num_gpus=num_gpus, evaluator_cls=evaluator_cls)
 
 
-def evaluator_class(setup: WorkerSetup, default: type = CandidateEvaluator) -> type:
-    """The vllm backend's own worker (sources and engine, no HF model) unless a caller chose one."""
-    if setup.backend == "vllm" and default is CandidateEvaluator:
+def evaluator_class(setup: WorkerSetup, chosen: type | None = None) -> type:
+    """The worker a setup asks for, unless a caller chose one: merge-and-load (HF), the vllm
+    backend's own (sources and engine, no HF model), or the data-flow space's layer paths."""
+    if chosen is not None:
+        return chosen
+    if setup.evaluator == "path":
+        from evomerge.path_worker import PathEvaluator
+
+        return PathEvaluator
+    if setup.backend == "vllm":
         from evomerge.vllm_worker import VLLMCandidateEvaluator
 
         return VLLMCandidateEvaluator
-    return default
+    return CandidateEvaluator
 
 
 def _check_local_resources(ray: Any, cpus: float, gpus: float) -> None:
