@@ -47,7 +47,9 @@ class PathSource:
     ref: str
     num_layers: int
     config: Mapping[str, Any]
-    recipe: Recipe | None = None  # when the model is a merge recipe (PS+DFS), materialized by each worker
+    recipe: Recipe | None = (
+        None  # when the model is a merge recipe (PS+DFS), materialized by each worker
+    )
 
     @property
     def label(self) -> str:
@@ -88,7 +90,9 @@ def check_foldable(source: PathSource, names: Sequence[str]) -> None:
         )
     for proj in OUTPUT_PROJECTIONS:
         if not any(f".{proj}." in n for n in names):
-            raise ConfigError(f"dfs: model '{source.ref}' has no {proj} tensors; the path scales cannot be exported")
+            raise ConfigError(
+                f"dfs: model '{source.ref}' has no {proj} tensors; the path scales cannot be exported"
+            )
 
 
 def check_compatible(sources: Sequence[PathSource]) -> None:
@@ -113,7 +117,9 @@ class Slot:
 class DfsSpace:
     """decode(x) -> a passthrough Recipe; encode(recipe) -> x; the same interface as `SearchSpace`."""
 
-    def __init__(self, config: DfsConfig, sources: Sequence[PathSource], *, dtype: str | None = None):
+    def __init__(
+        self, config: DfsConfig, sources: Sequence[PathSource], *, dtype: str | None = None
+    ):
         if not sources:
             raise ConfigError("dfs: needs at least one model")
         check_compatible(sources)
@@ -125,7 +131,9 @@ class DfsSpace:
         self.slots = [slot for _ in range(config.repeats) for slot in self.layers]
         self.max_layers = config.max_layers if config.max_layers is not None else len(self.layers)
         if config.min_layers > self.max_layers:
-            raise ConfigError(f"dfs.min_layers: {config.min_layers} is more than max_layers ({self.max_layers})")
+            raise ConfigError(
+                f"dfs.min_layers: {config.min_layers} is more than max_layers ({self.max_layers})"
+            )
         if self.max_layers > len(self.slots):
             raise ConfigError(
                 f"dfs.max_layers: {self.max_layers} is more than the {len(self.slots)} slots "
@@ -144,14 +152,29 @@ class DfsSpace:
 
     def _build_knobs(self) -> list[Knob]:
         knobs = [
-            Knob("on", i, self.sources[s.model].ref, None, 0.0, 1.0) for i, s in enumerate(self.slots)
+            Knob("on", i, self.sources[s.model].ref, None, 0.0, 1.0)
+            for i, s in enumerate(self.slots)
         ]
         bounds = self.config.scale
         origins = [EMBED, *range(len(self.layers))] if bounds.per == "transition" else [None]
         for layer in self.layers:
             for origin in origins:
-                name = None if origin is None else ("from:embed" if origin == EMBED else f"from:{origin}")
-                knobs.append(Knob("scale", layer.index, self.sources[layer.model].ref, name, bounds.low, bounds.high, log=True))
+                name = (
+                    None
+                    if origin is None
+                    else ("from:embed" if origin == EMBED else f"from:{origin}")
+                )
+                knobs.append(
+                    Knob(
+                        "scale",
+                        layer.index,
+                        self.sources[layer.model].ref,
+                        name,
+                        bounds.low,
+                        bounds.high,
+                        log=True,
+                    )
+                )
         return knobs
 
     def _scale_knob(self, origin: int, layer: int) -> int:
@@ -203,7 +226,10 @@ class DfsSpace:
             if last is not None and last[0] == model and last[1] + 1 == layer and last[2] == factor:
                 slices[-1]["sources"][0]["layer_range"][1] = layer + 1
             else:
-                source: dict[str, Any] = {"model": self.sources[model].ref, "layer_range": [layer, layer + 1]}
+                source: dict[str, Any] = {
+                    "model": self.sources[model].ref,
+                    "layer_range": [layer, layer + 1],
+                }
                 if factor != 1.0:
                     source["parameters"] = {"scale": scale_setting(factor)}
                 slices.append({"sources": [source]})
@@ -219,18 +245,27 @@ class DfsSpace:
         """The point that decodes to `recipe` (a passthrough over these models; scales clipped to the bounds)."""
         steps = self._steps_of(recipe)
         refs = {s.ref: m for m, s in enumerate(self.sources)}
-        refs.update({str(Path(s.ref).expanduser().resolve()): m for m, s in enumerate(self.sources)})
+        refs.update(
+            {str(Path(s.ref).expanduser().resolve()): m for m, s in enumerate(self.sources)}
+        )
         x = [OFF] * len(self.slots)
         for k in range(len(self.slots), self.dim):
             x.append(self.knobs[k].encode(1.0))
         cursor, origin, s_prev = 0, EMBED, 1.0
         seen: set[int] = set()
         for model_ref, layer, factor in steps:
-            model_ref = model_ref if model_ref in refs else str(Path(model_ref).expanduser().resolve())
+            model_ref = (
+                model_ref if model_ref in refs else str(Path(model_ref).expanduser().resolve())
+            )
             if model_ref not in refs:
-                raise ConfigError(f"dfs warm start: model '{model_ref}' is not one of the dfs models")
+                raise ConfigError(
+                    f"dfs warm start: model '{model_ref}' is not one of the dfs models"
+                )
             model = refs[model_ref]
-            while cursor < len(self.slots) and (self.slots[cursor].model, self.slots[cursor].layer) != (model, layer):
+            while cursor < len(self.slots) and (
+                self.slots[cursor].model,
+                self.slots[cursor].layer,
+            ) != (model, layer):
                 cursor += 1
             if cursor == len(self.slots):
                 raise ConfigError(
@@ -253,7 +288,9 @@ class DfsSpace:
             src = s.sources[0]
             for layer in range(*src.layer_range):
                 setting = (src.parameters or {}).get("scale")
-                factor = evaluate_setting(setting, tensor=f"model.layers.{layer}.self_attn.o_proj.weight", t=0.0)
+                factor = evaluate_setting(
+                    setting, tensor=f"model.layers.{layer}.self_attn.o_proj.weight", t=0.0
+                )
                 steps.append((src.model, layer, float(factor) if factor is not None else 1.0))
         a = self.sources[0].ref
         while steps and steps[0][2] == 0.0 and _same(steps[0][0], a):
@@ -266,7 +303,16 @@ class DfsSpace:
 
     def describe(self) -> list[dict[str, Any]]:
         return [
-            {"label": k.label, "param": k.param, "group": k.group, "model": k.model, "filter": k.filter, "low": k.low, "high": k.high, "log": k.log}
+            {
+                "label": k.label,
+                "param": k.param,
+                "group": k.group,
+                "model": k.model,
+                "filter": k.filter,
+                "low": k.low,
+                "high": k.high,
+                "log": k.log,
+            }
             for k in self.knobs
         ]
 
@@ -300,15 +346,23 @@ def build_dfs_setup(config: Any, *, device: str | None = None) -> Any:
 
     assert config.dfs is not None
     if config.base_model is not None or config.tokenizer_source is not None:
-        raise ConfigError("base_model / tokenizer_source: not used by dfs (model A, models[0], gives embeddings, head and tokenizer)")
+        raise ConfigError(
+            "base_model / tokenizer_source: not used by dfs (model A, models[0], gives embeddings, head and tokenizer)"
+        )
     if config.backend != "hf":
-        raise ConfigError("backend: DFS scoring needs backend: hf (vLLM cannot rewire its layers per candidate)")
+        raise ConfigError(
+            "backend: DFS scoring needs backend: hf (vLLM cannot rewire its layers per candidate)"
+        )
     refs = [resolve_model(m) for m in config.models]
     if len(set(refs)) != len(refs):
-        raise ConfigError("models: a dfs model is listed twice (use dfs.repeats to visit layers again)")
+        raise ConfigError(
+            "models: a dfs model is listed twice (use dfs.repeats to visit layers again)"
+        )
     sources = [read_source(ref) for ref in refs]
     space = DfsSpace(config.dfs, sources, dtype=config.dtype)
-    model_dirs = dict.fromkeys(m for s in sources for m in (s.recipe.referenced_models() if s.recipe else [s.ref]))
+    model_dirs = dict.fromkeys(
+        m for s in sources for m in (s.recipe.referenced_models() if s.recipe else [s.ref])
+    )
     for name, data in config.baselines.items():  # the report scores them with the same workers
         baseline = Recipe.from_dict(resolve_recipe_refs(data), origin=f"baselines.{name}")
         model_dirs.update(dict.fromkeys(resolve_model(m) for m in baseline.referenced_models()))

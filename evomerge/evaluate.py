@@ -60,7 +60,9 @@ class Score:
     fitness: float  # weighted mean of the specs' metrics, lower-is-better ones negated
     metrics: dict[str, dict[str, float]]  # task -> every numeric metric lm-eval reported
     seconds: float
-    objectives: tuple[float, ...] = ()  # each spec's metric, negated if lower is better (spec order)
+    objectives: tuple[
+        float, ...
+    ] = ()  # each spec's metric, negated if lower is better (spec order)
 
 
 @dataclass
@@ -144,7 +146,9 @@ class Scorer:
             except Exception as e:  # a missing data file, a bad YAML, a failing !function...
                 raise ScoringError(f"task {name} cannot be loaded: {type(e).__name__}: {e}") from e
             tasks.update(loaded["tasks"])
-            groups.update({g: group for g, group in loaded.get("groups", {}).items() if group.has_aggregation})
+            groups.update(
+                {g: group for g, group in loaded.get("groups", {}).items() if group.has_aggregation}
+            )
         return tasks, groups
 
     def _prepare(
@@ -218,7 +222,9 @@ class Scorer:
             leaves = [self.tasks[spec.name]]
             key = resolve_metric(spec, self.tasks[spec.name].metric_keys)
         higher = spec.higher_is_better
-        for prepared in leaves:  # a group's metric is better the way its tasks' is (as lm-eval says)
+        for (
+            prepared
+        ) in leaves:  # a group's metric is better the way its tasks' is (as lm-eval says)
             if higher is None and key in prepared.metric_keys:
                 higher = prepared.task.higher_is_better().get(prepared.metric_keys[key][0])
         if higher is None:
@@ -234,11 +240,15 @@ class Scorer:
         for agg in group.aggregate_metric_list or []:
             filters = agg.filter_list
             if filters is None:
-                filters = sorted({f for p in leaves for m, f in p.metric_keys.values() if m == agg.metric})
+                filters = sorted(
+                    {f for p in leaves for m, f in p.metric_keys.values() if m == agg.metric}
+                )
             keys.update({metric_key(agg.metric, f): (agg.metric, f) for f in filters})
         return keys
 
-    def group_metrics(self, metrics: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+    def group_metrics(
+        self, metrics: Mapping[str, Mapping[str, float]]
+    ) -> dict[str, dict[str, float]]:
         """Each group's aggregate of its tasks' metrics, computed by lm-eval's own `Group.aggregate`
         (a mean over the tasks, weighted by their sample counts unless the group says otherwise)."""
         as_lm_eval: dict[str, dict[str, Any]] = {}
@@ -506,8 +516,13 @@ def score_model_dir(
     if not any((path / name).is_file() for name in _TOKENIZER_FILES):
         raise ScoringError(f"model directory has no tokenizer: {path}")
     with Scorer(
-        tasks, include_paths=include_paths, limit=limit, device=device, batch_size=batch_size,
-        backend=backend, engine_args=engine_args,
+        tasks,
+        include_paths=include_paths,
+        limit=limit,
+        device=device,
+        batch_size=batch_size,
+        backend=backend,
+        engine_args=engine_args,
     ) as scorer:
         return scorer.score(path)
 

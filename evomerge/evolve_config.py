@@ -28,8 +28,19 @@ from evomerge.genome_space import METHOD_PARAMS, NEEDS_BASE, gene_range
 MAX_FEVALS = 100  # mergekit-evolve --max-fevals default
 SIGMA0 = 1 / 6  # mergekit-evolve --sigma0 default, in gene units
 BENCHMARK_PREFIXES = (  # mergekit/evo/config.py NAUGHTY_PREFIXES
-    "mmlu", "hendrycks", "agieval", "gsm8k", "hellaswag", "winogrande", "arc_", "ai2_arc",
-    "truthfulqa", "bigbench", "piqa", "openbookqa", "leaderboard",
+    "mmlu",
+    "hendrycks",
+    "agieval",
+    "gsm8k",
+    "hellaswag",
+    "winogrande",
+    "arc_",
+    "ai2_arc",
+    "truthfulqa",
+    "bigbench",
+    "piqa",
+    "openbookqa",
+    "leaderboard",
 )
 
 
@@ -53,22 +64,36 @@ class EvolveGenome(_Strict):
         if not self.models:
             raise ValueError("models: give at least one model")
         if self.merge_method not in METHOD_PARAMS:
-            raise ValueError(f"merge_method: unknown method '{self.merge_method}'; valid: {', '.join(METHOD_PARAMS)}")
+            raise ValueError(
+                f"merge_method: unknown method '{self.merge_method}'; valid: {', '.join(METHOD_PARAMS)}"
+            )
         if self.merge_method in NEEDS_BASE and self.base_model is None:
             raise ValueError(f"base_model: required for merge_method {self.merge_method}")
         if self.merge_method == "slerp":
             if self.smooth:
                 raise ValueError("smooth: not supported for slerp merge method")
             if self.filters:
-                raise ValueError("filters: tensor name filtering is not supported for slerp merge method")
+                raise ValueError(
+                    "filters: tensor name filtering is not supported for slerp merge method"
+                )
             if len(self.models) < 2:
                 raise ValueError("models: slerp picks two of them per layer group; give at least 2")
             if self.base_model is not None and self.base_model not in self.models:
-                raise ValueError("base_model: slerp merges two models; mergekit would add this one as a third source and fail")
-        if self.merge_method == "linear" and self.base_model is not None and self.base_model not in self.models:
-            raise ValueError("base_model: mergekit adds it to a linear merge without a weight and fails; list it in models or drop it")
+                raise ValueError(
+                    "base_model: slerp merges two models; mergekit would add this one as a third source and fail"
+                )
+        if (
+            self.merge_method == "linear"
+            and self.base_model is not None
+            and self.base_model not in self.models
+        ):
+            raise ValueError(
+                "base_model: mergekit adds it to a linear merge without a weight and fails; list it in models or drop it"
+            )
         if self.tokenizer_source == "union":
-            raise ValueError("tokenizer_source: 'union' is not supported by evomerge; use 'base' or a model")
+            raise ValueError(
+                "tokenizer_source: 'union' is not supported by evomerge; use 'base' or a model"
+            )
         return self
 
 
@@ -217,7 +242,11 @@ def native_config(config: EvolveConfig, flags: EvolveFlags = EvolveFlags()) -> d
         native["task_paths"] = list(flags.task_search_path)
     if config.limit is not None:
         native["limit"] = config.limit
-    optimizer: dict[str, Any] = {"kind": "cma", "seed": flags.random_seed, "sigma0": _unit_sigma(flags.sigma0, genome)}
+    optimizer: dict[str, Any] = {
+        "kind": "cma",
+        "seed": flags.random_seed,
+        "sigma0": _unit_sigma(flags.sigma0, genome),
+    }
     if flags.force_population_size is not None:
         optimizer["popsize"] = flags.force_population_size
     native["optimizer"] = optimizer
@@ -243,7 +272,12 @@ def _native_task(task: EvolveTask) -> dict[str, Any]:
     metric, _, filter_name = task.metric.partition(",")
     name = metric if filter_name in ("", "none") else f"{metric}/{filter_name}"
     # explicit direction: mergekit adds weight x metric whatever the metric is
-    return {"name": task.name, "metric": name, "weight": abs(task.weight), "higher_is_better": task.weight > 0}
+    return {
+        "name": task.name,
+        "metric": name,
+        "weight": abs(task.weight),
+        "higher_is_better": task.weight > 0,
+    }
 
 
 def _unit_sigma(sigma0: float, genome: EvolveGenome) -> float:
@@ -270,9 +304,15 @@ def startup_notes(config: EvolveConfig) -> list[str]:
         ignored.append("apply_chat_template (prompts are scored without a chat template)")
     if ignored:
         notes.append("not applied by evomerge: " + "; ".join(ignored))
-    benchmarks = [t.name for t in config.tasks if t.name.startswith(BENCHMARK_PREFIXES) and not t.name.endswith("_train")]
+    benchmarks = [
+        t.name
+        for t in config.tasks
+        if t.name.startswith(BENCHMARK_PREFIXES) and not t.name.endswith("_train")
+    ]
     if benchmarks:
-        notes.append(f"{', '.join(benchmarks)}: common benchmark test sets; mergekit-evolve refuses them by default")
+        notes.append(
+            f"{', '.join(benchmarks)}: common benchmark test sets; mergekit-evolve refuses them by default"
+        )
     return notes
 
 
@@ -286,7 +326,9 @@ def load_evolve_as_native(raw: dict[str, Any], *, origin: str) -> dict[str, Any]
     return native_config(config)
 
 
-def migrate_text(config: EvolveConfig, flags: EvolveFlags, *, source: str, target: str = "search.yaml") -> str:
+def migrate_text(
+    config: EvolveConfig, flags: EvolveFlags, *, source: str, target: str = "search.yaml"
+) -> str:
     """The native config as YAML, opened by comments: how to run it and what each flag became."""
     native = native_config(config, flags)
     lines = [
@@ -306,9 +348,13 @@ def flag_comments(flags: EvolveFlags) -> list[str]:
     if flags.vllm:
         out.append("--vllm -> backend: vllm")
     if flags.num_gpus is not None:
-        out.append(f"--num-gpus {flags.num_gpus} -> workers: {flags.num_gpus}, device: cuda; pass --gpus-per-worker 1")
+        out.append(
+            f"--num-gpus {flags.num_gpus} -> workers: {flags.num_gpus}, device: cuda; pass --gpus-per-worker 1"
+        )
     if flags.storage_path is not None:
-        out.append(f"--storage-path {flags.storage_path} -> the run directory (--out); best_config.yaml is written there")
+        out.append(
+            f"--storage-path {flags.storage_path} -> the run directory (--out); best_config.yaml is written there"
+        )
     if flags.strategy != d.strategy:
         out.append(
             "--strategy serial -> workers: 0 (in-process)"
@@ -332,14 +378,25 @@ def flag_comments(flags: EvolveFlags) -> list[str]:
         "--no-merge-cuda": (not flags.merge_cuda, "merges run on the worker's device (device:)"),
         "--trust-remote-code": (flags.trust_remote_code, "models load without remote code"),
         "--allow-crimes": (flags.allow_crimes, "evomerge checks architectures itself"),
-        "--wandb": (flags.wandb, "the run directory holds trials.jsonl; evomerge report plots them"),
-        "--no-save-final-model": (not flags.save_final_model, "pass --no-save-best to evomerge search"),
+        "--wandb": (
+            flags.wandb,
+            "the run directory holds trials.jsonl; evomerge report plots them",
+        ),
+        "--no-save-final-model": (
+            not flags.save_final_model,
+            "pass --no-save-best to evomerge search",
+        ),
         "--no-reshard": (not flags.reshard, "models are read memory-mapped, never resharded"),
         "--load-in-8bit": (flags.load_in_8bit, "no quantized scoring"),
         "--load-in-4bit": (flags.load_in_4bit, "no quantized scoring"),
-        "--i-understand-the-depths-of-the-evils-i-am-unleashing": (flags.allow_benchmark_tasks, "evomerge does not block benchmark tasks"),
+        "--i-understand-the-depths-of-the-evils-i-am-unleashing": (
+            flags.allow_benchmark_tasks,
+            "evomerge does not block benchmark tasks",
+        ),
     }
-    out += [f"{flag}: no counterpart; {why}" for flag, (given, why) in no_counterpart.items() if given]
+    out += [
+        f"{flag}: no counterpart; {why}" for flag, (given, why) in no_counterpart.items() if given
+    ]
     return out
 
 

@@ -27,7 +27,9 @@ from evomerge.run import CONFIG_FILE, read_trials
 from evomerge.search_config import parse_search_config
 
 
-def trial_recipe(run_dir: Path, trial: int | None = None, *, select: str | None = None) -> tuple[Recipe, dict[str, Any]]:
+def trial_recipe(
+    run_dir: Path, trial: int | None = None, *, select: str | None = None
+) -> tuple[Recipe, dict[str, Any]]:
     """The recipe of trial `trial` (default: the best by `select`, else the run's
     `optimizer.select` rule), exactly as it was scored."""
     trials = read_trials(run_dir)
@@ -40,7 +42,9 @@ def trial_recipe(run_dir: Path, trial: int | None = None, *, select: str | None 
     else:
         matches = [t for t in trials if t["id"] == trial]
         if not matches:
-            raise EvomergeError(f"{run_dir}: no trial {trial} (trials: {trials[0]['id']}..{trials[-1]['id']})")
+            raise EvomergeError(
+                f"{run_dir}: no trial {trial} (trials: {trials[0]['id']}..{trials[-1]['id']})"
+            )
         record = matches[0]
     if record.get("recipe") is None:
         raise EvomergeError(f"{run_dir}: trial {record['id']} has no recipe")
@@ -77,9 +81,15 @@ def export_front(run_dir: Path, out_dir: Path, *, mergekit: bool = False) -> lis
         raise EvomergeError(f"{run_dir}: no successful trial; no Pareto front to export")
     out_dir = Path(out_dir)
     if out_dir.exists():
-        strays = [p.name for p in out_dir.iterdir() if not _FRONT_FILE.fullmatch(p.name)] if out_dir.is_dir() else [out_dir.name]
+        strays = (
+            [p.name for p in out_dir.iterdir() if not _FRONT_FILE.fullmatch(p.name)]
+            if out_dir.is_dir()
+            else [out_dir.name]
+        )
         if strays:
-            raise EvomergeError(f"--out {out_dir}: exists and holds {strays[0]}, which is not a front export; choose another directory")
+            raise EvomergeError(
+                f"--out {out_dir}: exists and holds {strays[0]}, which is not a front export; choose another directory"
+            )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
     try:
@@ -112,7 +122,10 @@ def to_mergekit_documents(recipe: Recipe, *, prefix: str = "evomerge-part") -> l
     if inner:
         renamed = recipe.to_dict()
         _rename_models(renamed, {ref: docs[-1]["name"] for ref, docs in inner.items()})
-        return [*(d for docs in inner.values() for d in docs), *to_mergekit_documents(Recipe.from_dict(renamed), prefix=prefix)]
+        return [
+            *(d for docs in inner.values() for d in docs),
+            *to_mergekit_documents(Recipe.from_dict(renamed), prefix=prefix),
+        ]
     if not needs_multi(recipe):
         data = recipe.to_dict()
         for s in data.get("slices", []):
@@ -121,14 +134,18 @@ def to_mergekit_documents(recipe: Recipe, *, prefix: str = "evomerge-part") -> l
         return [data]
     assert recipe.slices is not None
     top = recipe.to_dict()
-    common = {k: v for k, v in top.items() if k not in ("slices", "merge_method", "name", "out_dtype")}
+    common = {
+        k: v for k, v in top.items() if k not in ("slices", "merge_method", "name", "out_dtype")
+    }
     by_method: dict[str, list[tuple[int, dict[str, Any]]]] = {}
     for i, s in enumerate(top["slices"]):
         method = s.pop("merge_method", None) or recipe.merge_method
         by_method.setdefault(method, []).append((i, s))
 
     documents = []
-    placement: dict[int, tuple[str, int, int]] = {}  # slice index -> (part, start, end) in that part
+    placement: dict[
+        int, tuple[str, int, int]
+    ] = {}  # slice index -> (part, start, end) in that part
     for method, entries in by_method.items():
         name = f"{prefix}-{method}"
         offset = 0
@@ -136,7 +153,9 @@ def to_mergekit_documents(recipe: Recipe, *, prefix: str = "evomerge-part") -> l
             n = _slice_layers(s)
             placement[i] = (name, offset, offset + n)
             offset += n
-        documents.append({"name": name, **common, "merge_method": method, "slices": [s for _, s in entries]})
+        documents.append(
+            {"name": name, **common, "merge_method": method, "slices": [s for _, s in entries]}
+        )
 
     assembly: dict[str, Any] = {
         "merge_method": "passthrough",
@@ -155,7 +174,9 @@ def to_mergekit_documents(recipe: Recipe, *, prefix: str = "evomerge-part") -> l
 
 def _recipe_models_as_documents(recipe: Recipe) -> dict[str, list[dict[str, Any]]]:
     out = {}
-    for i, ref in enumerate(m for m in recipe.referenced_models() if Path(m).suffix in (".yaml", ".yml")):
+    for i, ref in enumerate(
+        m for m in recipe.referenced_models() if Path(m).suffix in (".yaml", ".yml")
+    ):
         name = f"evomerge-model-{i}"
         docs = to_mergekit_documents(Recipe.load(ref), prefix=f"{name}-part")
         docs[-1]["name"] = name

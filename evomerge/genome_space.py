@@ -84,14 +84,22 @@ class GenomeSpace:
 
     def _check(self, config: SpaceConfig) -> str:
         if len(config.methods) != 1 or config.methods[0] not in METHOD_PARAMS:
-            raise ConfigError(f"space.methods: a genome space has one of {', '.join(METHOD_PARAMS)}, got {config.methods}")
+            raise ConfigError(
+                f"space.methods: a genome space has one of {', '.join(METHOD_PARAMS)}, got {config.methods}"
+            )
         method = config.methods[0]
         if set(config.knobs) != set(METHOD_PARAMS[method]):
-            raise ConfigError(f"space.knobs: the {method} genome has knobs {list(METHOD_PARAMS[method])}, got {list(config.knobs)}")
+            raise ConfigError(
+                f"space.knobs: the {method} genome has knobs {list(METHOD_PARAMS[method])}, got {list(config.knobs)}"
+            )
         if config.gradient_anchors is not None:
-            raise ConfigError("space.gradient_anchors: a genome space interpolates with space.genome.smooth instead")
+            raise ConfigError(
+                "space.gradient_anchors: a genome space interpolates with space.genome.smooth instead"
+            )
         if config.fixed:
-            raise ConfigError("space.fixed: a genome space sets normalize (space.genome.normalize) and int8_mask itself")
+            raise ConfigError(
+                "space.fixed: a genome space sets normalize (space.genome.normalize) and int8_mask itself"
+            )
         if method in NEEDS_BASE and self.base_model is None:
             raise ConfigError(f"base_model: required for merge_method {method}")
         if method == "slerp":
@@ -100,14 +108,26 @@ class GenomeSpace:
             if config.filters:
                 raise ConfigError("space.filters: tensor name filtering is not supported for slerp")
             if len(self.models) < 2:
-                raise ConfigError("models: slerp picks two of them per layer group; give at least 2")
+                raise ConfigError(
+                    "models: slerp picks two of them per layer group; give at least 2"
+                )
             if self.base_model is not None and self.base_model not in self.models:
-                raise ConfigError("base_model: slerp merges two models; a base_model outside models would be a third source")
-        if method == "linear" and self.base_model is not None and self.base_model not in self.models:
-            raise ConfigError("base_model: a linear genome gives it no weight (mergekit fails); list it in models or drop it")
+                raise ConfigError(
+                    "base_model: slerp merges two models; a base_model outside models would be a third source"
+                )
+        if (
+            method == "linear"
+            and self.base_model is not None
+            and self.base_model not in self.models
+        ):
+            raise ConfigError(
+                "base_model: a linear genome gives it no weight (mergekit fails); list it in models or drop it"
+            )
         g = config.layer_granularity
         if g is not None and self.num_layers % g:
-            raise ConfigError(f"space.layer_granularity: {g} does not divide the models' {self.num_layers} layers")
+            raise ConfigError(
+                f"space.layer_granularity: {g} does not divide the models' {self.num_layers} layers"
+            )
         return method
 
     def _build_knobs(self) -> list[Knob]:
@@ -127,7 +147,9 @@ class GenomeSpace:
             low = override.low if override.low is not None else low
             high = override.high if override.high is not None else high
         if not (math.isfinite(low) and math.isfinite(high) and low < high):
-            raise ConfigError(f"space.knobs.{param}: needs finite bounds low < high, got [{low}, {high}]")
+            raise ConfigError(
+                f"space.knobs.{param}: needs finite bounds low < high, got [{low}, {high}]"
+            )
         return float(low), float(high)
 
     @property
@@ -140,13 +162,19 @@ class GenomeSpace:
         """The flattened genotype (mergekit's order) a unit-cube point stands for."""
         if len(x) != self.dim:
             raise ConfigError(f"point has {len(x)} coordinates, the space has {self.dim}")
-        return [k.low + min(max(float(u), 0.0), 1.0) * (k.high - k.low) for k, u in zip(self.knobs, x, strict=True)]
+        return [
+            k.low + min(max(float(u), 0.0), 1.0) * (k.high - k.low)
+            for k, u in zip(self.knobs, x, strict=True)
+        ]
 
     def point(self, genotype: Sequence[float]) -> list[float]:
         """The unit-cube point of a genotype (genes outside their range are clipped to it)."""
         if len(genotype) != self.dim:
             raise ConfigError(f"genotype has {len(genotype)} genes, the space has {self.dim}")
-        return [min(max((g - k.low) / (k.high - k.low), 0.0), 1.0) for k, g in zip(self.knobs, genotype, strict=True)]
+        return [
+            min(max((g - k.low) / (k.high - k.low), 0.0), 1.0)
+            for k, g in zip(self.knobs, genotype, strict=True)
+        ]
 
     def initial_genotype(self, seed: int = 0) -> list[float]:
         """mergekit's start: weight 1/n and density 1; with random_init, uniform [0, 1) genes."""
@@ -168,7 +196,10 @@ class GenomeSpace:
         """mergekit's `ModelGenome.genotype_merge_config`, as an evomerge Recipe."""
         if len(genotype) != self.dim:
             raise ConfigError(f"genotype has {len(genotype)} genes, the space has {self.dim}")
-        genes = {(k.group, k.model, k.filter, k.param): float(g) for k, g in zip(self.knobs, genotype, strict=True)}
+        genes = {
+            (k.group, k.model, k.filter, k.param): float(g)
+            for k, g in zip(self.knobs, genotype, strict=True)
+        }
         data: dict[str, Any] = {"merge_method": self.method}
         if self.method == "slerp":
             data["slices"] = self._slerp_slices(genes)
@@ -215,7 +246,8 @@ class GenomeSpace:
                     "model": model,
                     "layer_range": self._layer_range(group),
                     "parameters": {
-                        p: self._setting({f: values[(group, model, f, p)] for f in self.filters}) for p in self.params
+                        p: self._setting({f: values[(group, model, f, p)] for f in self.filters})
+                        for p in self.params
                     },
                 }
                 for model in self.models
@@ -233,7 +265,10 @@ class GenomeSpace:
         models: list[dict[str, Any]] = [
             {
                 "model": model,
-                "parameters": {p: self._setting({f: gradient(model, f, p) for f in self.filters}) for p in self.params},
+                "parameters": {
+                    p: self._setting({f: gradient(model, f, p) for f in self.filters})
+                    for p in self.params
+                },
             }
             for model in self.models
         ]
@@ -245,25 +280,40 @@ class GenomeSpace:
         slices = []
         for group in range(self.n_groups):
             g = [genes[(group, model, None, "t")] for model in self.models]
-            first, second = sorted(range(len(g)), key=lambda i: (-g[i], i))[:2]  # torch.topk's order
+            first, second = sorted(range(len(g)), key=lambda i: (-g[i], i))[
+                :2
+            ]  # torch.topk's order
             t = 1.0 / (1.0 + math.exp(g[first] - g[second]))  # softmax([g1, g2])[1]
             sources: list[dict[str, Any]] = [
-                {"model": self.models[i], "layer_range": self._layer_range(group)} for i in (first, second)
+                {"model": self.models[i], "layer_range": self._layer_range(group)}
+                for i in (first, second)
             ]
             if self.tokenizer_source:
                 sources[0]["parameters"] = {"weight": 1 - t}
                 sources[1]["parameters"] = {"weight": t}
-            slices.append({"sources": sources, "parameters": {"t": t}, "base_model": self.models[first]})
+            slices.append(
+                {"sources": sources, "parameters": {"t": t}, "base_model": self.models[first]}
+            )
         return slices
 
     # ---- encode / describe -------------------------------------------------------------
 
     def encode(self, recipe: Recipe) -> list[float]:
         """Warm starts are not decoded recipes here: a genome space starts from its own genotype."""
-        raise ConfigError("warm_start: not supported with space.genome (the genome's start point is evaluated first)")
+        raise ConfigError(
+            "warm_start: not supported with space.genome (the genome's start point is evaluated first)"
+        )
 
     def describe(self) -> list[dict[str, Any]]:
         return [
-            {"label": k.label, "param": k.param, "group": k.group, "model": k.model, "filter": k.filter, "low": k.low, "high": k.high}
+            {
+                "label": k.label,
+                "param": k.param,
+                "group": k.group,
+                "model": k.model,
+                "filter": k.filter,
+                "low": k.low,
+                "high": k.high,
+            }
             for k in self.knobs
         ]

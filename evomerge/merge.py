@@ -45,7 +45,9 @@ class TensorSource(Protocol):
     def num_layers(self) -> int: ...
     def has(self, name: str) -> bool: ...
     def shape(self, name: str) -> tuple[int, ...]: ...
-    def get(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.Tensor: ...
+    def get(
+        self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+    ) -> torch.Tensor: ...
 
 
 class LoadedModel:
@@ -86,7 +88,9 @@ class LoadedModel:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.tensors[name].shape)
 
-    def get(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> torch.Tensor:
+    def get(
+        self, name: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+    ) -> torch.Tensor:
         if name not in self.tensors:
             raise CheckpointError(f"tensor {name} not found in model {self.path}")
         t = self.tensors[name]
@@ -141,7 +145,10 @@ def plan_merge(recipe: Recipe, sources: Mapping[str, TensorSource]) -> MergePlan
             t = s.layer_t(offset)
             out_layer = len(source_layers)
             for name in lead_names.get(lead.layer_range[0] + offset, []):
-                in_names = {src.model: with_layer_index(name, src.layer_range[0] + offset) for src in s.sources}
+                in_names = {
+                    src.model: with_layer_index(name, src.layer_range[0] + offset)
+                    for src in s.sources
+                }
                 layer_tasks.append(TensorTask(with_layer_index(name, out_layer), s, t, in_names))
             source_layers.append(lead.layer_range[0] + offset)
     return MergePlan(tuple(before + layer_tasks + after), tuple(source_layers), reference)
@@ -179,7 +186,9 @@ def merge_tensor(
 ) -> torch.Tensor:
     s = task.out_slice
     base_name, model_names = s.merge_inputs()
-    params = resolve_params(recipe, s, t=task.t, out_tensor=task.out_name, in_tensors=task.in_names, models=model_names)
+    params = resolve_params(
+        recipe, s, t=task.t, out_tensor=task.out_name, in_tensors=task.in_names, models=model_names
+    )
     names = ([base_name] if base_name else []) + model_names
     tensors = [_fetch(sources[m], task.in_names[m], m, dtype, device) for m in names]
     tensors = _match_shapes(task.out_name, names, tensors, base_name, s.method.embed_shape)
@@ -190,7 +199,9 @@ def merge_tensor(
             s.method.validate(p.name, value, f"model '{model}', tensor {task.in_names[model]}")
     generator = None
     if s.method.stochastic:
-        generator = torch.Generator(device=torch.device(device)).manual_seed(_tensor_seed(seed, task.out_name))
+        generator = torch.Generator(device=torch.device(device)).manual_seed(
+            _tensor_seed(seed, task.out_name)
+        )
     try:
         return s.method.merge(base, models, params.model_params, params.global_params, generator)
     except RecipeError as e:
@@ -210,7 +221,9 @@ def merge_stream(
     (a vLLM engine's weight reload) holds one merged tensor at a time, not a whole model.
     """
     plan = plan_merge(recipe, sources)
-    return [task.out_name for task in plan.tasks], execute(recipe, plan, sources, device=device, seed=seed)
+    return [task.out_name for task in plan.tasks], execute(
+        recipe, plan, sources, device=device, seed=seed
+    )
 
 
 def merge_to_state_dict(
@@ -241,7 +254,9 @@ def _open_source(name: str, allow_pickle: bool) -> TensorSource:
     inner = Recipe.load(path)
     sources = open_sources(inner, allow_pickle=allow_pickle)
     plan = plan_merge(inner, sources)
-    return MaterializedModel(plan, dict(execute(inner, plan, sources)), sources[plan.reference_model])
+    return MaterializedModel(
+        plan, dict(execute(inner, plan, sources)), sources[plan.reference_model]
+    )
 
 
 class MaterializedModel:
@@ -271,7 +286,9 @@ class MaterializedModel:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.tensors[name].shape)
 
-    def get(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
+    def get(
+        self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+    ) -> torch.Tensor:
         if name not in self.tensors:
             raise CheckpointError(f"tensor {name} not found in the merge of {self.path}")
         return self.tensors[name].to(device=device, dtype=dtype or self.tensors[name].dtype)
@@ -296,10 +313,14 @@ def merge_to_disk(
     with atomic_output_dir(Path(out), overwrite=overwrite) as tmp:
         writer = ShardedWriter(tmp, max_shard_bytes=max_shard_bytes)
         with _progress(len(plan.tasks), enabled=progress) as advance:
-            for name, tensor in execute(recipe, plan, sources, device=device, seed=seed, on_tensor=advance):
+            for name, tensor in execute(
+                recipe, plan, sources, device=device, seed=seed, on_tensor=advance
+            ):
                 writer.add(name, tensor.cpu())
         writer.finish()
-        write_config(tmp, output_config(plan, reference.config), dtype=recipe.out_dtype or recipe.dtype)
+        write_config(
+            tmp, output_config(plan, reference.config), dtype=recipe.out_dtype or recipe.dtype
+        )
         ref_path = getattr(reference, "path", None)
         if ref_path is not None:
             copy_tokenizer_files(Path(ref_path), tmp)
@@ -313,7 +334,9 @@ def output_config(plan: MergePlan, reference_config: Mapping[str, Any]) -> dict[
     """The reference model's config, with the output's layer count (per-layer lists follow their source layers)."""
     if plan.num_layers == num_layers_from_config(dict(reference_config)):
         return copy.deepcopy(dict(reference_config))
-    return set_num_layers(copy.deepcopy(dict(reference_config)), plan.num_layers, source_layers=plan.source_layers)
+    return set_num_layers(
+        copy.deepcopy(dict(reference_config)), plan.num_layers, source_layers=plan.source_layers
+    )
 
 
 def _set_chat_template(out: Path, template: str) -> None:
@@ -340,7 +363,9 @@ def _layer_names(src: TensorSource) -> dict[int, list[str]]:
     return by_layer
 
 
-def _fetch(src: TensorSource, name: str, model: str, dtype: torch.dtype | None, device: str | torch.device) -> torch.Tensor:
+def _fetch(
+    src: TensorSource, name: str, model: str, dtype: torch.dtype | None, device: str | torch.device
+) -> torch.Tensor:
     if src.has(name):
         return src.get(name, dtype=dtype, device=device)
     role = tensor_role(name)
@@ -363,7 +388,9 @@ def _match_shapes(
     rows = shapes[0][0] if (mode == "base" and base is not None) else min(s[0] for s in shapes)
     short = [n for n, s in zip(names, shapes, strict=True) if s[0] < rows]
     if short:
-        raise RecipeError(f"tensor {out_name}: models {short} have fewer vocabulary rows than the base ({rows})")
+        raise RecipeError(
+            f"tensor {out_name}: models {short} have fewer vocabulary rows than the base ({rows})"
+        )
     return [t[:rows] for t in tensors]
 
 
@@ -388,7 +415,11 @@ class _progress:
         )
 
         self._bar = Progress(
-            TextColumn("merging"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=False
+            TextColumn("merging"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            transient=False,
         )
         self._bar.start()
         task = self._bar.add_task("merge", total=self.total)

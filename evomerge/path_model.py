@@ -83,7 +83,9 @@ class PathModel:
     def build(self, recipe: Recipe) -> BuiltPath:
         """Rewire the shell to compute `recipe`'s model; returns what it built."""
         if not is_path_recipe(recipe):
-            raise RecipeError("in-memory path scoring runs passthrough recipes with one source per slice")
+            raise RecipeError(
+                "in-memory path scoring runs passthrough recipes with one source per slice"
+            )
         missing = [m for m in recipe.referenced_models() if m not in self.models]
         if missing:
             raise RecipeError(f"no live model loaded for {missing[0]}")
@@ -94,7 +96,11 @@ class PathModel:
             src = s.sources[0]
             for offset in range(s.num_layers):
                 k = len(layers)
-                layers.append(self._layer(recipe, s, src.model, src.layer_range[0] + offset, k, s.layer_t(offset)))
+                layers.append(
+                    self._layer(
+                        recipe, s, src.model, src.layer_range[0] + offset, k, s.layer_t(offset)
+                    )
+                )
                 sources.append((src.model, src.layer_range[0] + offset))
         self._graft_outer(recipe, slices[0], slices[-1])
         self._set(self.container, nn.ModuleList(layers))
@@ -103,7 +109,9 @@ class PathModel:
 
     # ---- pieces ------------------------------------------------------------------------
 
-    def _layer(self, recipe: Recipe, s: OutputSlice, model: str, layer: int, k: int, t: float) -> nn.Module:
+    def _layer(
+        self, recipe: Recipe, s: OutputSlice, model: str, layer: int, k: int, t: float
+    ) -> nn.Module:
         source = _get(self.models[model], f"{self.container}.{layer}")
         new = _shallow(source)
         owned = {"": new}
@@ -123,7 +131,14 @@ class PathModel:
             if not params:
                 continue
             scales = {
-                pname: _scale(recipe, s, model, f"{self.container}.{layer}.{path}.{pname}".replace("..", "."), k, t)
+                pname: _scale(
+                    recipe,
+                    s,
+                    model,
+                    f"{self.container}.{layer}.{path}.{pname}".replace("..", "."),
+                    k,
+                    t,
+                )
                 for pname in params
             }
             if all(v is None or v == 1 for v in scales.values()):
@@ -145,7 +160,10 @@ class PathModel:
             out_slice = first if role in ("embed", "pre") else last
             model = out_slice.sources[0].model
             module = _get(self.models[model], path)
-            scales = {p: _scale(recipe, out_slice, model, f"{path}.{p}", None, 0.0) for p, _ in module.named_parameters(recurse=False)}
+            scales = {
+                p: _scale(recipe, out_slice, model, f"{path}.{p}", None, 0.0)
+                for p, _ in module.named_parameters(recurse=False)
+            }
             if not all(v is None or v == 1 for v in scales.values()):
                 module = _scaled(module, scales)
             self._set(path, module)
@@ -176,9 +194,13 @@ class PathModel:
         self._own(parent)._modules[leaf] = module
 
 
-def _scale(recipe: Recipe, s: OutputSlice, model: str, in_name: str, k: int | None, t: float) -> float | None:
+def _scale(
+    recipe: Recipe, s: OutputSlice, model: str, in_name: str, k: int | None, t: float
+) -> float | None:
     out_name = with_layer_index(in_name, k) if k is not None else in_name
-    params = resolve_params(recipe, s, t=t, out_tensor=out_name, in_tensors={model: in_name}, models=[model])
+    params = resolve_params(
+        recipe, s, t=t, out_tensor=out_name, in_tensors={model: in_name}, models=[model]
+    )
     value = params.model_params["scale"][0]
     return None if value is None else float(value)
 

@@ -27,16 +27,24 @@ class PathEvaluator:
         if setup.backend != "hf":
             from evomerge.errors import ConfigError
 
-            raise ConfigError("backend: DFS scoring needs backend: hf (vLLM cannot rewire its layers per candidate)")
+            raise ConfigError(
+                "backend: DFS scoring needs backend: hf (vLLM cannot rewire its layers per candidate)"
+            )
         self.setup = setup
         self.merger = CandidateEvaluator(replace(setup, evaluator="merge", recipe_models=()))
         self.name = self.merger.name
-        models = {ref: live_model(src.config, src.tensors) for ref, src in self.merger.sources.items()}
+        models = {
+            ref: live_model(src.config, src.tensors) for ref, src in self.merger.sources.items()
+        }
         for ref, data in setup.recipe_models:
             recipe = Recipe.from_dict(data, origin=ref)
             plan = plan_merge(recipe, self.merger.sources)
-            tensors = merge_to_state_dict(recipe, self.merger.sources, device=self.merger.device, seed=setup.seed)
-            models[ref] = live_model(output_config(plan, self.merger.sources[plan.reference_model].config), tensors)
+            tensors = merge_to_state_dict(
+                recipe, self.merger.sources, device=self.merger.device, seed=setup.seed
+            )
+            models[ref] = live_model(
+                output_config(plan, self.merger.sources[plan.reference_model].config), tensors
+            )
         self.path = PathModel(models, setup.path_reference or setup.reference_model)
 
     def evaluate(self, job: Job) -> TrialResult:
@@ -54,13 +62,35 @@ class PathEvaluator:
             score = self.merger.scorer.score(self.path.shell, self.merger.tokenizer)
         except Exception as e:  # a failed candidate must not stop the search
             return TrialResult(
-                job.candidate_id, "failed", None, error=_one_line(e), merge_seconds=build_seconds,
-                score_seconds=time.perf_counter() - t0 - build_seconds, worker=self.name,
+                job.candidate_id,
+                "failed",
+                None,
+                error=_one_line(e),
+                merge_seconds=build_seconds,
+                score_seconds=time.perf_counter() - t0 - build_seconds,
+                worker=self.name,
             )
         if not math.isfinite(score.fitness):
-            return TrialResult(job.candidate_id, "failed", None, score.metrics, "fitness is not finite", build_seconds, score.seconds, self.name)
+            return TrialResult(
+                job.candidate_id,
+                "failed",
+                None,
+                score.metrics,
+                "fitness is not finite",
+                build_seconds,
+                score.seconds,
+                self.name,
+            )
         return TrialResult(
-            job.candidate_id, "ok", score.fitness, score.metrics, None, build_seconds, score.seconds, self.name, score.objectives
+            job.candidate_id,
+            "ok",
+            score.fitness,
+            score.metrics,
+            None,
+            build_seconds,
+            score.seconds,
+            self.name,
+            score.objectives,
         )
 
     def score_model_dir(self, path: str) -> TrialResult:
@@ -70,11 +100,23 @@ class PathEvaluator:
             return self.merger.score_model_dir(path)
         if path in self.path.models:
             n = int(self.path.models[path].config.num_hidden_layers)
-            recipe = {"merge_method": "passthrough", "slices": [{"sources": [{"model": path, "layer_range": [0, n]}]}]}
+            recipe = {
+                "merge_method": "passthrough",
+                "slices": [{"sources": [{"model": path, "layer_range": [0, n]}]}],
+            }
             return self.evaluate(Job(-1, recipe))
         t0 = time.perf_counter()
         score = self.merger.scorer.score(path)
-        return TrialResult(-1, "ok", score.fitness, score.metrics, None, time.perf_counter() - t0 - score.seconds, score.seconds, self.name)
+        return TrialResult(
+            -1,
+            "ok",
+            score.fitness,
+            score.metrics,
+            None,
+            time.perf_counter() - t0 - score.seconds,
+            score.seconds,
+            self.name,
+        )
 
     def ping(self) -> str:
         return self.name

@@ -55,7 +55,9 @@ def check_search(config: SearchConfig) -> SearchConfig:
     if config.dfs is not None:
         from evomerge.dfs import build_dfs_setup
 
-        build_dfs_setup(config)  # reads configs and headers only: architectures, sizes, path bounds, baselines
+        build_dfs_setup(
+            config
+        )  # reads configs and headers only: architectures, sizes, path bounds, baselines
         return resolve_tasks(config)
     assert config.space is not None
     _check_space_config(config.space)
@@ -242,7 +244,12 @@ def check_tasks(
     try:
         index = _quiet_index(lambda: build_task_index(names, include_paths))
     except UnknownTaskError as e:
-        where = next(f"{w}[{i}]" for w, specs in fields.items() for i, spec in enumerate(specs) if spec.name == e.name)
+        where = next(
+            f"{w}[{i}]"
+            for w, specs in fields.items()
+            for i, spec in enumerate(specs)
+            if spec.name == e.name
+        )
         raise ConfigError(f"{where}: {e}") from None
     out = {}
     for where, specs in fields.items():

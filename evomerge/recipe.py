@@ -26,7 +26,13 @@ from evomerge.methods.registry import METHODS, MethodSpec, ParamSpec, get_method
 log = logging.getLogger(__name__)
 
 Scalar = bool | int | float | str
-DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+DTYPE_ALIASES = {
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "half": "float16",
+    "fp32": "float32",
+    "float": "float32",
+}
 
 
 class Conditional(BaseModel):
@@ -127,7 +133,9 @@ class Recipe(_Strict):
         except yaml.YAMLError as e:
             raise RecipeError(f"{origin}: malformed YAML: {_one_line(e)}") from None
         if not isinstance(data, dict):
-            raise RecipeError(f"{origin}: a recipe must be a YAML mapping, got {type(data).__name__}")
+            raise RecipeError(
+                f"{origin}: a recipe must be a YAML mapping, got {type(data).__name__}"
+            )
         return cls.from_dict(data, origin=origin)
 
     @classmethod
@@ -182,7 +190,9 @@ class Recipe(_Strict):
         if source in (None, "base"):
             return self.base_model or self.referenced_models()[0]
         if source == "union":
-            raise RecipeError("tokenizer_source 'union' is not supported yet; use 'base' or a model")
+            raise RecipeError(
+                "tokenizer_source 'union' is not supported yet; use 'base' or a model"
+            )
         return source
 
     def output_slices(self, layer_counts: Mapping[str, int]) -> list[OutputSlice]:
@@ -192,7 +202,11 @@ class Recipe(_Strict):
         """
         if self.models is not None:
             sources = [
-                SliceSource(model=m.model, layer_range=(0, _count(layer_counts, m.model)), parameters=m.parameters)
+                SliceSource(
+                    model=m.model,
+                    layer_range=(0, _count(layer_counts, m.model)),
+                    parameters=m.parameters,
+                )
                 for m in self.models
             ]
             if self.base_model and all(m.model != self.base_model for m in self.models):
@@ -214,7 +228,9 @@ class Recipe(_Strict):
                     )
                 lengths.add(end - start)
             if len(lengths) != 1:
-                raise RecipeError(f"slices[{i}]: all sources must span the same number of layers, got {sorted(lengths)}")
+                raise RecipeError(
+                    f"slices[{i}]: all sources must span the same number of layers, got {sorted(lengths)}"
+                )
             method = get_method(entry.merge_method or self.merge_method)
             base = entry.base_model or self.base_model
             out.append(
@@ -238,7 +254,9 @@ class Recipe(_Strict):
             method = get_method(s.merge_method or self.merge_method)
             base = s.base_model or self.base_model
             if method.base == "required" and base is None:
-                raise RecipeError(f"{origin}: slices[{i}]: merge_method '{method.name}' needs a base_model")
+                raise RecipeError(
+                    f"{origin}: slices[{i}]: merge_method '{method.name}' needs a base_model"
+                )
         method = get_method(self.merge_method)
         if self.models is not None and method.base == "required" and self.base_model is None:
             raise RecipeError(f"{origin}: merge_method '{method.name}' needs a base_model")
@@ -255,14 +273,28 @@ class Recipe(_Strict):
             blocks.append(("parameters", self.parameters, "any", self.methods()))
         for i, m in enumerate(self.models or []):
             if m.parameters:
-                blocks.append((f"models[{i}] ('{m.model}').parameters", m.parameters, "model", [self.merge_method]))
+                blocks.append(
+                    (
+                        f"models[{i}] ('{m.model}').parameters",
+                        m.parameters,
+                        "model",
+                        [self.merge_method],
+                    )
+                )
         for i, s in enumerate(self.slices or []):
             method = [s.merge_method or self.merge_method]
             if s.parameters:
                 blocks.append((f"slices[{i}].parameters", s.parameters, "any", method))
             for j, src in enumerate(s.sources):
                 if src.parameters:
-                    blocks.append((f"slices[{i}].sources[{j}] ('{src.model}').parameters", src.parameters, "model", method))
+                    blocks.append(
+                        (
+                            f"slices[{i}].sources[{j}] ('{src.model}').parameters",
+                            src.parameters,
+                            "model",
+                            method,
+                        )
+                    )
         return blocks
 
 
@@ -364,7 +396,12 @@ def _gradient(values: Sequence[Scalar], t: float) -> Scalar:
 
 
 def _resolve_one(
-    spec: ParamSpec, scopes: Sequence[Mapping[str, Setting] | None], *, tensor: str, t: float, where: str
+    spec: ParamSpec,
+    scopes: Sequence[Mapping[str, Setting] | None],
+    *,
+    tensor: str,
+    t: float,
+    where: str,
 ) -> Any:
     for scope in scopes:
         if scope and spec.name in scope:
@@ -388,7 +425,9 @@ def _coerce(spec: ParamSpec, value: Scalar, where: str) -> Any:
     try:
         number = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise RecipeError(f"parameter '{spec.name}' for {where} must be a number, got {value!r}") from None
+        raise RecipeError(
+            f"parameter '{spec.name}' for {where} must be a number, got {value!r}"
+        ) from None
     return int(round(number)) if spec.kind == "int" else number
 
 
@@ -418,7 +457,10 @@ def _check_names(methods: Sequence[MethodSpec], params: Parameters, *, where: st
     for name in params:
         if name not in valid and name in _ALL_PARAMETER_NAMES:
             names = " or ".join(f"'{m.name}'" for m in methods)
-            warnings.warn(f"{where}: merge_method {names} does not use parameter '{name}'; ignored, as mergekit does", stacklevel=4)
+            warnings.warn(
+                f"{where}: merge_method {names} does not use parameter '{name}'; ignored, as mergekit does",
+                stacklevel=4,
+            )
         elif name not in valid:
             names = " or ".join(f"'{m.name}'" for m in methods)
             raise RecipeError(
@@ -459,7 +501,9 @@ def _count(layer_counts: Mapping[str, int], model: str) -> int:
 
 def _pydantic_message(e: ValidationError) -> str:
     err = e.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "tagged-union")))
+    loc = ".".join(
+        str(p) for p in err["loc"] if not str(p).startswith(("function-", "tagged-union"))
+    )
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown field"

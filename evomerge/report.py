@@ -41,7 +41,9 @@ class Row:
     test_avg: float
     dev_avg: float
     dev: dict[str, float] = field(default_factory=dict)  # dev task -> its metric (full split)
-    search_dev: dict[str, float] = field(default_factory=dict)  # ... on the search's dev samples (`limit`)
+    search_dev: dict[str, float] = field(
+        default_factory=dict
+    )  # ... on the search's dev samples (`limit`)
 
 
 def fitness_plot(trials: list[dict[str, Any]], path: Path) -> None:
@@ -64,7 +66,9 @@ def fitness_plot(trials: list[dict[str, Any]], path: Path) -> None:
     ax.scatter(xs, ys, s=12, alpha=0.5, label="trial")
     ax.step(xs, best, where="post", color="C3", label="best so far")
     if failed:
-        ax.scatter(failed, [min(ys, default=0)] * len(failed), marker="x", color="grey", label="failed")
+        ax.scatter(
+            failed, [min(ys, default=0)] * len(failed), marker="x", color="grey", label="failed"
+        )
     ax.set_xlabel("evaluation")
     ax.set_ylabel("fitness (dev)")
     ax.set_title("evomerge search")
@@ -100,7 +104,15 @@ def knob_heatmap(space: list[dict[str, Any]], x: list[float], path: Path) -> Non
     im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1)
     for r, cells in enumerate(rows.values()):
         for g, (u, value) in cells.items():
-            ax.text(g, r, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white" if u < 0.6 else "black")
+            ax.text(
+                g,
+                r,
+                f"{value:.2f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if u < 0.6 else "black",
+            )
     ax.set_yticks(range(len(rows)), list(rows))
     ax.set_xticks(range(groups), [f"g{g}" for g in range(groups)])
     ax.set_xlabel("layer group")
@@ -135,27 +147,43 @@ class ReportScorer:
         self.signs = {spec.name: sign for spec, _, sign in self.evaluator.scorer.terms}
         worker = self.setup.worker
         # (a vLLM worker has no live HF model to re-score: its rows keep the full-split dev scores)
-        self.search_scorer = None if config.limit is None or worker.backend != "hf" else Scorer(
-            worker.tasks, include_paths=worker.include_paths, limit=worker.limit, batch_size=worker.batch_size,
-            device=self.evaluator.device,
-            backend="hf",  # on the evaluator's live HF model; a second vLLM engine would double the GPU memory
+        self.search_scorer = (
+            None
+            if config.limit is None or worker.backend != "hf"
+            else Scorer(
+                worker.tasks,
+                include_paths=worker.include_paths,
+                limit=worker.limit,
+                batch_size=worker.batch_size,
+                device=self.evaluator.device,
+                backend="hf",  # on the evaluator's live HF model; a second vLLM engine would double the GPU memory
+            )
         )
 
     def trial(self, record: dict[str, Any], name: str, kind: str) -> Row:
         result = self.evaluator.evaluate(Job(record["id"], record["recipe"]))
         if result.status != "ok":
-            raise RuntimeError(f"trial {record['id']} failed when the report re-scored it: {result.error}")
+            raise RuntimeError(
+                f"trial {record['id']} failed when the report re-scored it: {result.error}"
+            )
         return self._row(name, kind, result.metrics)
 
     def sources(self) -> list[Row]:
         setup = self.setup
-        paths = ([setup.base_model] if setup.base_model else []) + [m for m in setup.models if m != setup.base_model]
-        return [self._row(_short(p) or p, "source", self.evaluator.score_model_dir(p).metrics) for p in paths]
+        paths = ([setup.base_model] if setup.base_model else []) + [
+            m for m in setup.models if m != setup.base_model
+        ]
+        return [
+            self._row(_short(p) or p, "source", self.evaluator.score_model_dir(p).metrics)
+            for p in paths
+        ]
 
     def baselines(self) -> list[Row]:
         rows = []
         for name, recipe in self.config.baselines.items():
-            data = Recipe.from_dict(resolve_recipe_refs(recipe), origin=f"baselines.{name}").to_dict()
+            data = Recipe.from_dict(
+                resolve_recipe_refs(recipe), origin=f"baselines.{name}"
+            ).to_dict()
             result = self.evaluator.evaluate(Job(-1, data))
             if result.status != "ok":
                 raise RuntimeError(f"baseline '{name}' failed: {result.error}")
@@ -174,16 +202,24 @@ class ReportScorer:
         dev = {t.name: metrics[t.name][t.metric] for t in config.tasks}
         search_dev = dev
         if self.search_scorer is not None:  # the weights just scored are still in the live model
-            searched = self.search_scorer.score(self.evaluator.model, self.evaluator.tokenizer).metrics
+            searched = self.search_scorer.score(
+                self.evaluator.model, self.evaluator.tokenizer
+            ).metrics
             search_dev = {t.name: searched[t.name][t.metric] for t in config.tasks}
         test_avg = avg(config.test_tasks) if config.test_tasks else float("nan")
         return Row(name, kind, test, test_avg, avg(config.tasks), dev, search_dev)
 
 
-def evaluate_rows(config: SearchConfig, best: dict[str, Any] | None, *, device: str | None = None) -> list[Row]:
+def evaluate_rows(
+    config: SearchConfig, best: dict[str, Any] | None, *, device: str | None = None
+) -> list[Row]:
     """Score the best merge, every source model and every baseline on the dev and test tasks."""
     scorer = ReportScorer(config, device=device)
-    evolved = [scorer.trial(best, f"evolved (trial #{best['id']})", "evolved")] if best is not None else []
+    evolved = (
+        [scorer.trial(best, f"evolved (trial #{best['id']})", "evolved")]
+        if best is not None
+        else []
+    )
     return evolved + scorer.sources() + scorer.baselines()
 
 
@@ -196,17 +232,34 @@ def _unique(tasks: list[TaskSpec]) -> list[TaskSpec]:
 
 def markdown_table(rows: list[Row], config: SearchConfig) -> str:
     tasks = [t.name for t in config.test_tasks]
-    head = ["model", *[f"{n} ({m.metric})" for n, m in zip(tasks, config.test_tasks, strict=True)], "test avg", "dev avg", "dev-test gap"]
+    head = [
+        "model",
+        *[f"{n} ({m.metric})" for n, m in zip(tasks, config.test_tasks, strict=True)],
+        "test avg",
+        "dev avg",
+        "dev-test gap",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         name = f"**{r.name}**" if r.kind == "evolved" else r.name
-        cells = [name, *[f"{r.test[t]:.3f}" for t in tasks], f"{r.test_avg:.3f}", f"{r.dev_avg:.3f}", f"{r.dev_avg - r.test_avg:+.3f}"]
+        cells = [
+            name,
+            *[f"{r.test[t]:.3f}" for t in tasks],
+            f"{r.test_avg:.3f}",
+            f"{r.dev_avg:.3f}",
+            f"{r.dev_avg - r.test_avg:+.3f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def make_report(
-    run_dir: Path, *, device: str | None = None, console: Any = None, select: str | None = None, front_test: int = FRONT_TEST
+    run_dir: Path,
+    *,
+    device: str | None = None,
+    console: Any = None,
+    select: str | None = None,
+    front_test: int = FRONT_TEST,
 ) -> dict[str, Any]:
     """Write fitness.png, knobs.png, (pareto.png,) report.md and report.json into `run_dir`; print the tables.
 
@@ -216,7 +269,9 @@ def make_report(
     import yaml
 
     run_dir = Path(run_dir)
-    config = parse_search_config(yaml.safe_load((run_dir / CONFIG_FILE).read_text()), origin=str(run_dir / CONFIG_FILE))
+    config = parse_search_config(
+        yaml.safe_load((run_dir / CONFIG_FILE).read_text()), origin=str(run_dir / CONFIG_FILE)
+    )
     config = resolve_tasks(config)  # concrete metric keys: the table reads them
     rule = select or config.optimizer.select
     trials = read_trials(run_dir)
@@ -224,11 +279,17 @@ def make_report(
     best = pareto.select(front, rule)
     if trials:
         fitness_plot(trials, run_dir / "fitness.png")
-    space = json.loads((run_dir / SPACE_FILE).read_text()) if (run_dir / SPACE_FILE).exists() else None
+    space = (
+        json.loads((run_dir / SPACE_FILE).read_text()) if (run_dir / SPACE_FILE).exists() else None
+    )
     if best is not None and space and best.get("x"):
         knob_heatmap(space, best["x"], run_dir / "knobs.png")
     scorer = ReportScorer(config, device=device)
-    evolved = [scorer.trial(best, f"evolved (trial #{best['id']})", "evolved")] if best is not None else []
+    evolved = (
+        [scorer.trial(best, f"evolved (trial #{best['id']})", "evolved")]
+        if best is not None
+        else []
+    )
     marks = scorer.sources() + scorer.baselines()
     rows = evolved + marks
     table = markdown_table(rows, config)
@@ -241,14 +302,21 @@ def make_report(
         )
     text = f"{header}\n\nHeld-out test tasks (full splits):\n\n{table}\n"
     data: dict[str, Any] = {
-        "trials": len(trials), "failed": failed, "select": rule, "best_id": best["id"] if best else None,
+        "trials": len(trials),
+        "failed": failed,
+        "select": rule,
+        "best_id": best["id"] if best else None,
         "rows": [r.__dict__ for r in rows],
     }
     members: list[dict[str, Any]] = []
     if _multi_objective(config) and front:
         members = _score_front(scorer, front, best, evolved[0], front_test)
         pareto_plot(trials, front, best, rule, config, scorer.signs, marks, run_dir / "pareto.png")
-        text += "\n" + front_markdown(members, config, scorer.signs, rule, len(trials), front_test) + "\n![Pareto front](pareto.png)\n"
+        text += (
+            "\n"
+            + front_markdown(members, config, scorer.signs, rule, len(trials), front_test)
+            + "\n![Pareto front](pareto.png)\n"
+        )
         data["front"] = members
     text += "\n![fitness](fitness.png)\n\n![knobs](knobs.png)\n"
     atomic_write_text(run_dir / "report.md", text)
@@ -263,7 +331,9 @@ def _multi_objective(config: SearchConfig) -> bool:
     return config.optimizer.per_task and len(config.tasks) > 1
 
 
-def _score_front(scorer: ReportScorer, front: list[Any], best: Any, best_row: Row, front_test: int) -> list[dict[str, Any]]:
+def _score_front(
+    scorer: ReportScorer, front: list[Any], best: Any, best_row: Row, front_test: int
+) -> list[dict[str, Any]]:
     """One entry per member, in id order; the picked one (its test scores are the evolved row's)
     and the `front_test` members with the highest weighted mean have test scores."""
     by_mean = sorted(front, key=lambda t: (t is not best, -t["fitness"], t["id"]))
@@ -274,19 +344,31 @@ def _score_front(scorer: ReportScorer, front: list[Any], best: Any, best_row: Ro
         row = None
         if t["id"] in tested:
             row = best_row if t is best else scorer.trial(dict(t), f"trial #{t['id']}", "front")
-        members.append({
-            "id": t["id"],
-            "fitness": t["fitness"],
-            "objectives": list(pareto.objectives(t) or ()),
-            "dev": {task.name: scorer.signs[task.name] * v for task, v in zip(scorer.config.tasks, pareto.objectives(t) or (), strict=True)},
-            "test": row.test if row else None,
-            "test_avg": row.test_avg if row else None,
-            "picked_by": picks.get(t["id"], []),
-        })
+        members.append(
+            {
+                "id": t["id"],
+                "fitness": t["fitness"],
+                "objectives": list(pareto.objectives(t) or ()),
+                "dev": {
+                    task.name: scorer.signs[task.name] * v
+                    for task, v in zip(scorer.config.tasks, pareto.objectives(t) or (), strict=True)
+                },
+                "test": row.test if row else None,
+                "test_avg": row.test_avg if row else None,
+                "picked_by": picks.get(t["id"], []),
+            }
+        )
     return members
 
 
-def front_markdown(members: list[dict[str, Any]], config: SearchConfig, signs: dict[str, float], rule: str, n_trials: int, front_test: int) -> str:
+def front_markdown(
+    members: list[dict[str, Any]],
+    config: SearchConfig,
+    signs: dict[str, float],
+    rule: str,
+    n_trials: int,
+    front_test: int,
+) -> str:
     dev = [t.name for t in config.tasks]
     test = [t.name for t in config.test_tasks]
     tested = sum(1 for m in members if m["test"] is not None)
@@ -307,8 +389,16 @@ def front_markdown(members: list[dict[str, Any]], config: SearchConfig, signs: d
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in members:
         picked = ", ".join(m["picked_by"])
-        cells = [f"**#{m['id']}**" if rule in m["picked_by"] else f"#{m['id']}", *[f"{m['dev'][n]:.3f}" for n in dev], f"{m['fitness']:.3f}"]
-        cells += [f"{m['test'][n]:.3f}" for n in test] + [f"{m['test_avg']:.3f}"] if m["test"] is not None else ["–"] * (len(test) + 1)
+        cells = [
+            f"**#{m['id']}**" if rule in m["picked_by"] else f"#{m['id']}",
+            *[f"{m['dev'][n]:.3f}" for n in dev],
+            f"{m['fitness']:.3f}",
+        ]
+        cells += (
+            [f"{m['test'][n]:.3f}" for n in test] + [f"{m['test_avg']:.3f}"]
+            if m["test"] is not None
+            else ["–"] * (len(test) + 1)
+        )
         lines.append("| " + " | ".join([*cells, picked]) + " |")
     return "\n".join(lines) + "\n"
 
@@ -318,8 +408,14 @@ def _label(task: str, signs: dict[str, float]) -> str:
 
 
 def pareto_plot(
-    trials: list[dict[str, Any]], front: list[Any], best: Any, rule: str, config: SearchConfig,
-    signs: dict[str, float], marks: list[Row], path: Path,
+    trials: list[dict[str, Any]],
+    front: list[Any],
+    best: Any,
+    rule: str,
+    config: SearchConfig,
+    signs: dict[str, float],
+    marks: list[Row],
+    path: Path,
 ) -> None:
     """Dev metric of each pair of objectives: every trial, the front, the picked member, and the
     source models and default merges (`marks`, on the search's dev samples) on the same axes."""
@@ -341,25 +437,68 @@ def pareto_plot(
     nrows = math.ceil(len(pairs) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.3 * ncols, 4.0 * nrows + 0.6), squeeze=False)
     for ax, (i, j) in zip(axes.flat, pairs, strict=False):
-        ax.scatter([p[i] for p in scored], [p[j] for p in scored], s=10, color="0.72", label="trial")
+        ax.scatter(
+            [p[i] for p in scored], [p[j] for p in scored], s=10, color="0.72", label="trial"
+        )
         if len(names) == 2:
             ax.plot([p[i] for p in members], [p[j] for p in members], ls="--", lw=0.8, color="C0")
-        ax.scatter([p[i] for p in members], [p[j] for p in members], s=30, color="C0", edgecolors="k", linewidths=0.4, zorder=3, label="Pareto front")
-        ax.scatter([picked[i]], [picked[j]], marker="*", s=220, color="C3", edgecolors="k", linewidths=0.5, zorder=4, label=f"picked ({rule})")
+        ax.scatter(
+            [p[i] for p in members],
+            [p[j] for p in members],
+            s=30,
+            color="C0",
+            edgecolors="k",
+            linewidths=0.4,
+            zorder=3,
+            label="Pareto front",
+        )
+        ax.scatter(
+            [picked[i]],
+            [picked[j]],
+            marker="*",
+            s=220,
+            color="C3",
+            edgecolors="k",
+            linewidths=0.5,
+            zorder=4,
+            label=f"picked ({rule})",
+        )
         for row in marks:
-            style = {"marker": "^", "color": "C2"} if row.kind == "source" else {"marker": "s", "color": "C1"}
+            style = (
+                {"marker": "^", "color": "C2"}
+                if row.kind == "source"
+                else {"marker": "s", "color": "C1"}
+            )
             x, y = row.search_dev[names[i]], row.search_dev[names[j]]
-            ax.scatter([x], [y], s=40, edgecolors="k", linewidths=0.4, zorder=3, label="source model" if row.kind == "source" else "default merge", **style)
+            ax.scatter(
+                [x],
+                [y],
+                s=40,
+                edgecolors="k",
+                linewidths=0.4,
+                zorder=3,
+                label="source model" if row.kind == "source" else "default merge",
+                **style,
+            )
             ax.annotate(row.name, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6.5)
         ax.set_xlabel(_label(names[i], signs).removeprefix("zoo_"))
         ax.set_ylabel(_label(names[j], signs).removeprefix("zoo_"))
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(pairs):]:
+    for ax in list(axes.flat)[len(pairs) :]:
         ax.set_visible(False)
     handles, labels = axes.flat[0].get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=True))
-    fig.legend(unique.values(), unique.keys(), loc="lower center", ncol=len(unique), fontsize=8, frameon=False)
-    fig.suptitle(f"Pareto front on the dev tasks: {len(front)} of {len(scored)} scored trials", fontsize=10)
+    fig.legend(
+        unique.values(),
+        unique.keys(),
+        loc="lower center",
+        ncol=len(unique),
+        fontsize=8,
+        frameon=False,
+    )
+    fig.suptitle(
+        f"Pareto front on the dev tasks: {len(front)} of {len(scored)} scored trials", fontsize=10
+    )
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -380,16 +519,26 @@ def _print_table(rows: list[Row], config: SearchConfig, console: Any) -> None:
     for r in rows:
         style = "bold green" if r.kind == "evolved" else None
         avg = f"{r.test_avg:.3f}" + (" *" if r.test_avg == best_test else "")
-        table.add_row(r.name, *[f"{r.test[t.name]:.3f}" for t in config.test_tasks], avg, f"{r.dev_avg:.3f}", style=style)
+        table.add_row(
+            r.name,
+            *[f"{r.test[t.name]:.3f}" for t in config.test_tasks],
+            avg,
+            f"{r.dev_avg:.3f}",
+            style=style,
+        )
     console.print(table)
 
 
-def _print_front(members: list[dict[str, Any]], config: SearchConfig, rule: str, console: Any) -> None:
+def _print_front(
+    members: list[dict[str, Any]], config: SearchConfig, rule: str, console: Any
+) -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = console or Console()
-    table = Table(title=f"Pareto front on the dev tasks ({len(members)} trials; picked by {rule}: bold)")
+    table = Table(
+        title=f"Pareto front on the dev tasks ({len(members)} trials; picked by {rule}: bold)"
+    )
     table.add_column("trial")
     for t in config.tasks:
         table.add_column(t.name.removeprefix("zoo_"), justify="right")
@@ -399,5 +548,12 @@ def _print_front(members: list[dict[str, Any]], config: SearchConfig, rule: str,
     for m in members:
         test = f"{m['test_avg']:.3f}" if m["test_avg"] is not None else "-"
         style = "bold green" if rule in m["picked_by"] else None
-        table.add_row(f"#{m['id']}", *[f"{m['dev'][t.name]:.3f}" for t in config.tasks], f"{m['fitness']:.3f}", test, ", ".join(m["picked_by"]), style=style)
+        table.add_row(
+            f"#{m['id']}",
+            *[f"{m['dev'][t.name]:.3f}" for t in config.tasks],
+            f"{m['fitness']:.3f}",
+            test,
+            ", ".join(m["picked_by"]),
+            style=style,
+        )
     console.print(table)

@@ -40,8 +40,15 @@ from evomerge.search_config import SearchConfig, load_search_config, parse_searc
 from evomerge.space import SearchSpace
 from evomerge.workers import Job, TrialResult, WorkerSetup, make_pool
 
-CONFIG_FILE, TRIALS_FILE, BEST_FILE, SPACE_FILE = "config.yaml", "trials.jsonl", "best.yaml", "space.json"
-MERGEKIT_BEST_FILE = "best_config.yaml"  # best.yaml in mergekit-runnable form (mergekit-evolve's name)
+CONFIG_FILE, TRIALS_FILE, BEST_FILE, SPACE_FILE = (
+    "config.yaml",
+    "trials.jsonl",
+    "best.yaml",
+    "space.json",
+)
+MERGEKIT_BEST_FILE = (
+    "best_config.yaml"  # best.yaml in mergekit-runnable form (mergekit-evolve's name)
+)
 
 
 # ---- the run directory -----------------------------------------------------------------
@@ -85,7 +92,9 @@ class RunSummary:
     seconds: float
     interrupted: bool
     select: str = DEFAULT_RULE  # the rule that picked best_id (evomerge.pareto)
-    front_ids: tuple[int, ...] = ()  # multi-objective runs: the Pareto front on the per-task objectives
+    front_ids: tuple[
+        int, ...
+    ] = ()  # multi-objective runs: the Pareto front on the per-task objectives
 
 
 # ---- building the parts ----------------------------------------------------------------
@@ -109,7 +118,11 @@ def build_setup(config: SearchConfig, *, device: str | None = None) -> SearchSet
     assert config.space is not None
     models = [resolve_model(m) for m in config.models]
     base = resolve_model(config.base_model) if config.base_model else None
-    tokenizer = resolve_model(config.tokenizer_source) if config.tokenizer_source and config.tokenizer_source != "base" else None
+    tokenizer = (
+        resolve_model(config.tokenizer_source)
+        if config.tokenizer_source and config.tokenizer_source != "base"
+        else None
+    )
     reference = ModelReader(Path(base or models[0]))
     space_class = GenomeSpace if config.space.genome is not None else SearchSpace
     space = space_class(
@@ -120,7 +133,9 @@ def build_setup(config: SearchConfig, *, device: str | None = None) -> SearchSet
         tensor_names=reference.names,
         dtype=config.dtype,
         # the genome writes tokenizer_source as given ("base" too), as mergekit's genome does
-        tokenizer_source=tokenizer if space_class is SearchSpace else tokenizer or config.tokenizer_source,
+        tokenizer_source=tokenizer
+        if space_class is SearchSpace
+        else tokenizer or config.tokenizer_source,
     )
     all_models = tuple(dict.fromkeys([*([base] if base else []), *models]))
     worker = WorkerSetup(
@@ -146,7 +161,9 @@ def demo_config_path() -> Path:
 
     path = Path(evomerge.__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
     if not path.is_file():
-        raise ConfigError(f"give a search config (or --resume RUN_DIR); the demo config is not at {path}")
+        raise ConfigError(
+            f"give a search config (or --resume RUN_DIR); the demo config is not at {path}"
+        )
     return path
 
 
@@ -203,10 +220,14 @@ def search(
     done = {r["id"]: r for r in log.read()}
     retry = _reconcile(optimizer, done, config.optimizer.per_task)
     if not resume:
-        if isinstance(setup.space, GenomeSpace):  # mergekit-evolve's start: evaluated first, the CMA-ES mean
+        if isinstance(
+            setup.space, GenomeSpace
+        ):  # mergekit-evolve's start: evaluated first, the CMA-ES mean
             optimizer.enqueue(setup.space.start_point(config.seed))
         for item in config.warm_start:
-            optimizer.enqueue(setup.space.encode(Recipe.from_dict(resolve_recipe_refs(item), origin="warm_start")))
+            optimizer.enqueue(
+                setup.space.encode(Recipe.from_dict(resolve_recipe_refs(item), origin="warm_start"))
+            )
 
     n_workers = config.workers
     factory = pool_factory or (lambda s, n: make_pool(s, n, address=ray_address, num_gpus=num_gpus))
@@ -225,7 +246,9 @@ def search(
     return loop.summary(interrupted)
 
 
-def _with_overrides(raw: dict[str, Any], *, max_evals: int | None, workers: int | None, device: str | None) -> tuple[dict[str, Any], SearchConfig]:
+def _with_overrides(
+    raw: dict[str, Any], *, max_evals: int | None, workers: int | None, device: str | None
+) -> tuple[dict[str, Any], SearchConfig]:
     """The config file with the command line's overrides written in: what the run directory records."""
     raw = dict(raw)
     if max_evals is not None:
@@ -246,7 +269,9 @@ def _quiet_libraries() -> None:
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
 
 
-def _optimizer(config: SearchConfig, space: SearchSpace | GenomeSpace, run_dir: Path, *, resume: bool) -> Optimizer:
+def _optimizer(
+    config: SearchConfig, space: SearchSpace | GenomeSpace, run_dir: Path, *, resume: bool
+) -> Optimizer:
     opt = config.optimizer
     options = dict(opt.options)
     if opt.kind == "cma":
@@ -255,8 +280,17 @@ def _optimizer(config: SearchConfig, space: SearchSpace | GenomeSpace, run_dir: 
             options.setdefault("popsize", opt.popsize)
     n_objectives = len(config.tasks) if opt.per_task else 1
     if resume and state_path(opt.kind, run_dir).exists():
-        return load_optimizer(opt.kind, space.dim, seed=opt.seed, run_dir=run_dir, n_objectives=n_objectives, **options)
-    return make_optimizer(opt.kind, space.dim, seed=opt.seed, run_dir=run_dir, n_objectives=n_objectives, **options)
+        return load_optimizer(
+            opt.kind,
+            space.dim,
+            seed=opt.seed,
+            run_dir=run_dir,
+            n_objectives=n_objectives,
+            **options,
+        )
+    return make_optimizer(
+        opt.kind, space.dim, seed=opt.seed, run_dir=run_dir, n_objectives=n_objectives, **options
+    )
 
 
 def told_values(record: Mapping[str, Any], per_task: bool) -> list[float] | None:
@@ -266,7 +300,9 @@ def told_values(record: Mapping[str, Any], per_task: bool) -> list[float] | None
     return list(record["objectives"]) if per_task else [record["fitness"]]
 
 
-def _reconcile(optimizer: Optimizer, done: Mapping[int, Mapping[str, Any]], per_task: bool) -> list[Candidate]:
+def _reconcile(
+    optimizer: Optimizer, done: Mapping[int, Mapping[str, Any]], per_task: bool
+) -> list[Candidate]:
     """After a crash: tell the optimizer trials that were logged but not told; re-run the rest."""
     retry = []
     for cand in optimizer.unfinished():
@@ -279,8 +315,22 @@ def _reconcile(optimizer: Optimizer, done: Mapping[int, Mapping[str, Any]], per_
 
 
 class _Loop:
-    def __init__(self, config: SearchConfig, space: SearchSpace | GenomeSpace, optimizer: Optimizer, log: TrialLog, run_dir: Path, done: dict[int, dict[str, Any]]):
-        self.config, self.space, self.optimizer, self.log, self.run_dir = config, space, optimizer, log, run_dir
+    def __init__(
+        self,
+        config: SearchConfig,
+        space: SearchSpace | GenomeSpace,
+        optimizer: Optimizer,
+        log: TrialLog,
+        run_dir: Path,
+        done: dict[int, dict[str, Any]],
+    ):
+        self.config, self.space, self.optimizer, self.log, self.run_dir = (
+            config,
+            space,
+            optimizer,
+            log,
+            run_dir,
+        )
         self.done = done
         self.front = trial_front(done.values())
         self.best = select(self.front, config.optimizer.select)
@@ -321,7 +371,9 @@ class _Loop:
                     if not pool.in_flight:
                         break
                     for result in pool.poll(timeout=1.0):
-                        wall = time.monotonic() - submitted_at.pop(result.candidate_id, time.monotonic())
+                        wall = time.monotonic() - submitted_at.pop(
+                            result.candidate_id, time.monotonic()
+                        )
                         self.finish(result, wall)
                         display.update()
             except KeyboardInterrupt:
@@ -349,7 +401,9 @@ class _Loop:
         }
         self.log.append(record)  # logged first: a crash before the tell is reconciled on resume
         self.done[result.candidate_id] = record
-        self.optimizer.tell(result.candidate_id, told_values(record, self.config.optimizer.per_task))
+        self.optimizer.tell(
+            result.candidate_id, told_values(record, self.config.optimizer.per_task)
+        )
         self.front = updated_front(self.front, record)
         best = select(self.front, self.config.optimizer.select)
         if best is not self.best and best is not None:
@@ -358,21 +412,34 @@ class _Loop:
             atomic_write_text(self.run_dir / BEST_FILE, recipe.to_yaml())
             from evomerge.export import dump_documents, to_mergekit_documents  # export imports run
 
-            atomic_write_text(self.run_dir / MERGEKIT_BEST_FILE, dump_documents(to_mergekit_documents(recipe)))
+            atomic_write_text(
+                self.run_dir / MERGEKIT_BEST_FILE, dump_documents(to_mergekit_documents(recipe))
+            )
 
     def failure_message(self) -> str:
         """One line for a search in which no candidate scored."""
-        first = min((r for r in self.done.values() if r["status"] != "ok"), key=lambda r: r["id"], default=None)
+        first = min(
+            (r for r in self.done.values() if r["status"] != "ok"),
+            key=lambda r: r["id"],
+            default=None,
+        )
         cause = f"; first error (trial #{first['id']}): {first['error']}" if first else ""
-        return f"no candidate scored in {len(self.done)} trials (run directory {self.run_dir}){cause}"
+        return (
+            f"no candidate scored in {len(self.done)} trials (run directory {self.run_dir}){cause}"
+        )
 
     def summary(self, interrupted: bool) -> RunSummary:
         failed = sum(1 for r in self.done.values() if r["status"] != "ok")
         return RunSummary(
-            self.run_dir, len(self.done), failed,
-            self.best["id"] if self.best else None, self.best["fitness"] if self.best else None,
-            time.monotonic() - self.started, interrupted,
-            self.config.optimizer.select, tuple(t["id"] for t in self.front) if self.config.optimizer.per_task else (),
+            self.run_dir,
+            len(self.done),
+            failed,
+            self.best["id"] if self.best else None,
+            self.best["fitness"] if self.best else None,
+            time.monotonic() - self.started,
+            interrupted,
+            self.config.optimizer.select,
+            tuple(t["id"] for t in self.front) if self.config.optimizer.per_task else (),
         )
 
 
@@ -393,12 +460,17 @@ class _Display:
             )
 
             self.progress = Progress(
-                TextColumn("[bold]search"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TextColumn("[bold]search"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
                 TextColumn("{task.fields[status]}"),
             )
             self.progress.start()
             total = self.loop.config.budget.max_evals
-            self.task = self.progress.add_task("search", total=total, completed=len(self.loop.done), status="")
+            self.task = self.progress.add_task(
+                "search", total=total, completed=len(self.loop.done), status=""
+            )
         return self
 
     def update(self) -> None:
@@ -408,7 +480,9 @@ class _Display:
         minutes = max((time.monotonic() - loop.started) / 60, 1e-9)
         best = f"{loop.best['fitness']:.4f} (#{loop.best['id']})" if loop.best else "-"
         rate = (len(loop.done) - loop.session_start) / minutes
-        self.progress.update(self.task, completed=len(loop.done), status=f"best {best}  {rate:.1f} evals/min")
+        self.progress.update(
+            self.task, completed=len(loop.done), status=f"best {best}  {rate:.1f} evals/min"
+        )
 
     def __exit__(self, *exc: object) -> None:
         if self.enabled:

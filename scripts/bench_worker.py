@@ -31,9 +31,17 @@ def build_family(root: Path, hidden: int, layers: int) -> tuple[dict[str, Path],
     from evomerge.zoo.tokenizer import VOCAB_SIZE, save_tokenizer
 
     config = LlamaConfig(
-        vocab_size=VOCAB_SIZE, hidden_size=hidden, intermediate_size=hidden * 8 // 3 // 64 * 64,
-        num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
-        max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        vocab_size=VOCAB_SIZE,
+        hidden_size=hidden,
+        intermediate_size=hidden * 8 // 3 // 64 * 64,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
@@ -43,7 +51,9 @@ def build_family(root: Path, hidden: int, layers: int) -> tuple[dict[str, Path],
     for i, name in enumerate(("base", "a", "b")):
         if i:
             g = torch.Generator().manual_seed(i)
-            model.load_state_dict({k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in state.items()})
+            model.load_state_dict(
+                {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in state.items()}
+            )
         out = root / name
         model.save_pretrained(out, safe_serialization=True)
         save_tokenizer(out)
@@ -58,14 +68,20 @@ def recipe(method: str, paths: dict[str, Path], rng: random.Random, dtype: str) 
             p["density"] = round(rng.uniform(0.2, 1.0), 4)
         return p
 
-    out = {"merge_method": method, "dtype": dtype, "models": [{"model": str(paths[m]), "parameters": params()} for m in ("a", "b")]}
+    out = {
+        "merge_method": method,
+        "dtype": dtype,
+        "models": [{"model": str(paths[m]), "parameters": params()} for m in ("a", "b")],
+    }
     if method != "linear":
         out["base_model"] = str(paths["base"])
     return out
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=8)
@@ -83,27 +99,44 @@ def main() -> None:
         paths, params = build_family(Path(tmp), args.hidden, args.layers)
         model_bytes = params * torch.finfo(getattr(torch, dtype)).bits // 8
         name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
-        print(f"device: {name}; models: 3 x {params / 1e6:.0f}M parameters ({dtype}, {model_bytes / 2**30:.2f} GiB each)")
+        print(
+            f"device: {name}; models: 3 x {params / 1e6:.0f}M parameters ({dtype}, {model_bytes / 2**30:.2f} GiB each)"
+        )
         setup = WorkerSetup(
-            models=tuple(str(p) for p in paths.values()), reference_model=str(paths["base"]),
-            tasks=tuple(args.tasks.split(",")), dtype=dtype, device=args.device, batch_size=args.batch_size,
+            models=tuple(str(p) for p in paths.values()),
+            reference_model=str(paths["base"]),
+            tasks=tuple(args.tasks.split(",")),
+            dtype=dtype,
+            device=args.device,
+            batch_size=args.batch_size,
         )
         t0 = time.perf_counter()
         worker = CandidateEvaluator(setup)
-        print(f"worker set-up (load 3 models, build the live model and lm-eval requests): {time.perf_counter() - t0:.2f} s")
+        print(
+            f"worker set-up (load 3 models, build the live model and lm-eval requests): {time.perf_counter() - t0:.2f} s"
+        )
         rng = random.Random(0)
         for method in args.methods.split(","):
             if args.device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
-            results = [worker.evaluate(Job(i, recipe(method, paths, rng, dtype))) for i in range(args.candidates + 1)][1:]
+            results = [
+                worker.evaluate(Job(i, recipe(method, paths, rng, dtype)))
+                for i in range(args.candidates + 1)
+            ][1:]
             failed = [r.error for r in results if r.status != "ok"]
             if failed:
                 raise SystemExit(f"{method}: {len(failed)} candidates failed: {failed[0]}")
             merge = statistics.median(r.merge_seconds for r in results)
             score = statistics.median(r.score_seconds for r in results)
-            peak = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if args.device.startswith("cuda") else ""
-            print(f"{method:>10}: per candidate merge {merge * 1000:.0f} ms, score {score * 1000:.0f} ms "
-                  f"(median of {len(results)}, first one not counted){peak}")
+            peak = (
+                f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+                if args.device.startswith("cuda")
+                else ""
+            )
+            print(
+                f"{method:>10}: per candidate merge {merge * 1000:.0f} ms, score {score * 1000:.0f} ms "
+                f"(median of {len(results)}, first one not counted){peak}"
+            )
 
 
 if __name__ == "__main__":

@@ -29,7 +29,9 @@ def best_so_far(trials: list[dict]) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("config", type=Path)
     parser.add_argument("--kinds", nargs="+", default=["cma", "optuna-tpe", "random"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -45,13 +47,24 @@ def main() -> None:
         for seed in args.seeds:
             cfg = {**raw, "optimizer": {**raw.get("optimizer", {}), "kind": kind, "seed": seed}}
             if kind != "cma":
-                cfg["optimizer"] = {k: v for k, v in cfg["optimizer"].items() if k in ("kind", "seed")}
+                cfg["optimizer"] = {
+                    k: v for k, v in cfg["optimizer"].items() if k in ("kind", "seed")
+                }
             path = root / f"{kind}-{seed}.yaml"
             path.write_text(yaml.safe_dump(cfg))
-            summary = search(path, run_dir=root / f"run-{kind}-{seed}", max_evals=args.max_evals, workers=args.workers, progress=False)
+            summary = search(
+                path,
+                run_dir=root / f"run-{kind}-{seed}",
+                max_evals=args.max_evals,
+                workers=args.workers,
+                progress=False,
+            )
             curve = best_so_far(read_trials(summary.run_dir))
             curves.setdefault(kind, []).append(curve)
-            print(f"{kind:12} seed {seed}: best {curve[-1]:.4f} after {len(curve)} evals ({summary.seconds:.0f} s)", flush=True)
+            print(
+                f"{kind:12} seed {seed}: best {curve[-1]:.4f} after {len(curve)} evals ({summary.seconds:.0f} s)",
+                flush=True,
+            )
 
     marks = [max(1, round(args.max_evals * f)) for f in (0.25, 0.5, 0.75, 1.0)]
     print(f"\nbest dev fitness so far, mean ± std over seeds {args.seeds}")

@@ -42,7 +42,9 @@ def layer_of(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def task_arithmetic(base: State, experts: Sequence[State], weight: Callable[[int, str], float]) -> State:
+def task_arithmetic(
+    base: State, experts: Sequence[State], weight: Callable[[int, str], float]
+) -> State:
     """base + sum_i w_i(tensor) * (expert_i - base)."""
     return {
         name: b + sum(weight(i, name) * (e[name] - b) for i, e in enumerate(experts))
@@ -63,7 +65,12 @@ def _magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
 
 
 def ties(
-    base: State, experts: Sequence[State], weights: Sequence[float], density: float, *, normalize: bool = True,
+    base: State,
+    experts: Sequence[State],
+    weights: Sequence[float],
+    density: float,
+    *,
+    normalize: bool = True,
     dare_seed: int | None = None,
 ) -> State:
     """TIES (magnitude trim) or, with dare_seed, DARE-TIES (random drop + L1 rescale, no normalize)."""
@@ -96,7 +103,14 @@ def ties(
 # --- models --------------------------------------------------------------------------------------
 
 
-def cached_train(cache: Path, key: dict, start: State | None, shape: ModelShape, mixture: Mixture, config: TrainConfig) -> tuple[State, float]:
+def cached_train(
+    cache: Path,
+    key: dict,
+    start: State | None,
+    shape: ModelShape,
+    mixture: Mixture,
+    config: TrainConfig,
+) -> tuple[State, float]:
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     path = cache / f"{digest}.safetensors"
     model = new_model(shape, seed=config.seed)
@@ -106,9 +120,13 @@ def cached_train(cache: Path, key: dict, start: State | None, shape: ModelShape,
     if start is not None:
         model.load_state_dict(start)
     t0 = time.time()
+
     def on_step(step: int, loss: float) -> None:
         if (step + 1) % 200 == 0:
-            print(f"    {key.get('name')} step {step + 1}: loss {loss:.3f} ({time.time() - t0:.0f}s)", flush=True)
+            print(
+                f"    {key.get('name')} step {step + 1}: loss {loss:.3f} ({time.time() - t0:.0f}s)",
+                flush=True,
+            )
 
     loss = train(model, mixture, config, on_step=on_step)
     seconds = time.time() - t0
@@ -119,7 +137,9 @@ def cached_train(cache: Path, key: dict, start: State | None, shape: ModelShape,
     return state, seconds
 
 
-def evaluate(model: torch.nn.Module, state: State, items: Mapping[str, Sequence[MCItem]]) -> dict[str, float]:
+def evaluate(
+    model: torch.nn.Module, state: State, items: Mapping[str, Sequence[MCItem]]
+) -> dict[str, float]:
     model.load_state_dict(state)
     accuracy = skill_accuracies(model, items)
     accuracy["avg"] = sum(accuracy.values()) / len(accuracy)
@@ -141,11 +161,20 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--pretrain-steps", type=int, default=1200)
     parser.add_argument("--pretrain-lr", type=float, default=2e-3)
-    parser.add_argument("--pretrain-skill-frac", type=float, default=0.0, help="share of skill examples in pre-training")
+    parser.add_argument(
+        "--pretrain-skill-frac",
+        type=float,
+        default=0.0,
+        help="share of skill examples in pre-training",
+    )
     parser.add_argument("--ft-steps", type=int, default=300)
     parser.add_argument("--ft-lr", type=float, default=1e-3)
-    parser.add_argument("--ft-replay", type=float, default=0.0, help="share of generic data in fine-tuning")
-    parser.add_argument("--ft-frozen", default="", help="comma-separated name parts to freeze in fine-tuning")
+    parser.add_argument(
+        "--ft-replay", type=float, default=0.0, help="share of generic data in fine-tuning"
+    )
+    parser.add_argument(
+        "--ft-frozen", default="", help="comma-separated name parts to freeze in fine-tuning"
+    )
     parser.add_argument("--ft-wd", type=float, default=0.0)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
@@ -159,12 +188,26 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    shape = ModelShape(hidden_size=args.hidden, intermediate_size=args.inter, num_hidden_layers=args.layers)
+    shape = ModelShape(
+        hidden_size=args.hidden, intermediate_size=args.inter, num_hidden_layers=args.layers
+    )
     generic = {"text": 1.0, "copy": 1.0, "count": 1.0}
     skill_share = args.pretrain_skill_frac / len(SKILL_NAMES)
-    pre_mix = Mixture({**{k: v * (1 - args.pretrain_skill_frac) / 3 for k, v in generic.items()}, **dict.fromkeys(SKILL_NAMES, skill_share)})
-    pre_cfg = TrainConfig(steps=args.pretrain_steps, lr=args.pretrain_lr, batch_size=args.batch, seed=args.seed)
-    pre_key = {"name": "base", "shape": shape.to_json(), "mix": pre_mix.to_json(), "cfg": pre_cfg.to_json()}
+    pre_mix = Mixture(
+        {
+            **{k: v * (1 - args.pretrain_skill_frac) / 3 for k, v in generic.items()},
+            **dict.fromkeys(SKILL_NAMES, skill_share),
+        }
+    )
+    pre_cfg = TrainConfig(
+        steps=args.pretrain_steps, lr=args.pretrain_lr, batch_size=args.batch, seed=args.seed
+    )
+    pre_key = {
+        "name": "base",
+        "shape": shape.to_json(),
+        "mix": pre_mix.to_json(),
+        "cfg": pre_cfg.to_json(),
+    }
     base, base_seconds = cached_train(args.cache, pre_key, None, shape, pre_mix, pre_cfg)
 
     specialists: dict[str, State] = {}
@@ -172,7 +215,15 @@ def main() -> None:
     frozen = tuple(x for x in args.ft_frozen.split(",") if x)
     for index, skill in enumerate(SKILL_NAMES):
         mix = Mixture({skill: 1 - args.ft_replay, **{k: args.ft_replay / 3 for k in generic}})
-        cfg = TrainConfig(steps=args.ft_steps, lr=args.ft_lr, batch_size=args.batch, warmup_steps=20, seed=args.seed + 1 + index, frozen=frozen, weight_decay=args.ft_wd)
+        cfg = TrainConfig(
+            steps=args.ft_steps,
+            lr=args.ft_lr,
+            batch_size=args.batch,
+            warmup_steps=20,
+            seed=args.seed + 1 + index,
+            frozen=frozen,
+            weight_decay=args.ft_wd,
+        )
         key = {"name": skill, "base": pre_key, "mix": mix.to_json(), "cfg": cfg.to_json()}
         specialists[skill], ft_seconds[skill] = cached_train(args.cache, key, base, shape, mix, cfg)
 
@@ -186,7 +237,9 @@ def main() -> None:
         results[name] = evaluate(model, state, test)
         print(f"{name:28s} {fmt(results[name])}", flush=True)
 
-    print(f"== {args.tag}: {parameter_count(model)} params; base {base_seconds:.0f}s, ft {ft_seconds}")
+    print(
+        f"== {args.tag}: {parameter_count(model)} params; base {base_seconds:.0f}s, ft {ft_seconds}"
+    )
     report("base", base)
     for skill in SKILL_NAMES:
         report(f"spec:{skill}", specialists[skill])
@@ -195,7 +248,9 @@ def main() -> None:
         report(f"task_arithmetic w={w:.2f}", task_arithmetic(base, experts, lambda i, n, w=w: w))
     report("ties d=0.5 w=1/3", ties(base, experts, [1 / 3] * 3, 0.5))
     report("ties d=0.5 w=1", ties(base, experts, [1.0] * 3, 0.5, normalize=False))
-    report("dare_ties d=0.5 w=1/3", ties(base, experts, [1 / 3] * 3, 0.5, normalize=False, dare_seed=0))
+    report(
+        "dare_ties d=0.5 w=1/3", ties(base, experts, [1 / 3] * 3, 0.5, normalize=False, dare_seed=0)
+    )
     report("dare_ties d=0.5 w=1", ties(base, experts, [1.0] * 3, 0.5, normalize=False, dare_seed=0))
 
     # Which layers carry each skill: the specialist's delta applied to one layer (plus all non-layer tensors) at a time.
@@ -204,9 +259,13 @@ def main() -> None:
     for i, skill in enumerate(SKILL_NAMES):
         row = {}
         for layer in [None, *layers]:
+
             def only(j: int, name: str, i=i, layer=layer) -> float:
                 return float(j == i and (layer_of(name) == layer))
-            row["rest" if layer is None else f"L{layer}"] = evaluate(model, task_arithmetic(base, experts, only), {skill: test[skill]})[skill]
+
+            row["rest" if layer is None else f"L{layer}"] = evaluate(
+                model, task_arithmetic(base, experts, only), {skill: test[skill]}
+            )[skill]
         ablation[skill] = row
         print(f"  ablation {skill:9s} {fmt(row)}")
     results["ablation"] = ablation  # type: ignore[assignment]
@@ -230,11 +289,23 @@ def main() -> None:
                     if score > best + 1e-9:
                         best, weights = score, trial
             print(f"  layer search sweep {sweep}: dev avg {best:.3f}", flush=True)
-        print("  weights:", {f"{SKILL_NAMES[i]}/{'rest' if g is None else g}": w for (i, g), w in weights.items()})
+        print(
+            "  weights:",
+            {f"{SKILL_NAMES[i]}/{'rest' if g is None else g}": w for (i, g), w in weights.items()},
+        )
         report("per-layer TA (dev-tuned)", task_arithmetic(base, experts, weight_fn(weights)))
 
     with args.log.open("a") as log:
-        log.write(json.dumps({"tag": args.tag, "args": {k: str(v) for k, v in vars(args).items()}, "results": results}) + "\n")
+        log.write(
+            json.dumps(
+                {
+                    "tag": args.tag,
+                    "args": {k: str(v) for k, v in vars(args).items()},
+                    "results": results,
+                }
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

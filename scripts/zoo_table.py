@@ -19,9 +19,13 @@ from evomerge.task_index import TaskSpec
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("config", type=Path, nargs="?", default=Path("search_spaces/demo.yaml"))
-    parser.add_argument("--gen", action="store_true", help="exact match of greedy generations (zoo_*_test_gen)")
+    parser.add_argument(
+        "--gen", action="store_true", help="exact match of greedy generations (zoo_*_test_gen)"
+    )
     args = parser.parse_args()
 
     config, _ = load_search_config(args.config)

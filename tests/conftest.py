@@ -45,4 +45,6 @@ def quick_zoo(tmp_path_factory):
     from evomerge.zoo.build import build_zoo
 
     root = os.environ.get("EVOMERGE_ZOO_DIR")
-    return build_zoo(Path(root) if root else tmp_path_factory.mktemp("zoo"), quick=True, progress=False)
+    return build_zoo(
+        Path(root) if root else tmp_path_factory.mktemp("zoo"), quick=True, progress=False
+    )

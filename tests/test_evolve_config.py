@@ -39,7 +39,10 @@ def build(raw: dict) -> GenomeSpace:
     """Our space, through the native config, as `evomerge search` builds it."""
     native = parse_search_config(native_config(parse_evolve_config(raw)))
     return GenomeSpace(
-        native.space, models=native.models, base_model=native.base_model, num_layers=4,
+        native.space,
+        models=native.models,
+        base_model=native.base_model,
+        num_layers=4,
         tokenizer_source=native.tokenizer_source,
     )
 
@@ -51,7 +54,9 @@ def mergekit_genome(raw: dict):
 
 
 def mergekit_recipe(genome, genotype) -> dict:
-    return Recipe.from_yaml(genome.genotype_merge_config(np.asarray(genotype, dtype=np.float64)).to_yaml()).to_dict()
+    return Recipe.from_yaml(
+        genome.genotype_merge_config(np.asarray(genotype, dtype=np.float64)).to_yaml()
+    ).to_dict()
 
 
 def rounded(obj, digits: int):
@@ -67,11 +72,19 @@ def rounded(obj, digits: int):
 CASES = {
     "linear": {},
     "linear_base_in_models": {"layer_granularity": 2},
-    "linear_smooth_filters": {"smooth": True, "filters": ["self_attn", "mlp"], "layer_granularity": 1},
+    "linear_smooth_filters": {
+        "smooth": True,
+        "filters": ["self_attn", "mlp"],
+        "layer_granularity": 1,
+    },
     "task_arithmetic_granularity": {"layer_granularity": 2},
     "task_arithmetic_negative": {"allow_negative_weights": True, "layer_granularity": 2},
     "ties_filters": {"filters": ["mlp"]},
-    "ties_granularity_filters": {"layer_granularity": 2, "filters": ["self_attn"], "normalize": False},
+    "ties_granularity_filters": {
+        "layer_granularity": 2,
+        "filters": ["self_attn"],
+        "normalize": False,
+    },
     "dare_ties_smooth": {"smooth": True, "layer_granularity": 2},
     "dare_ties_base_in_models": {"layer_granularity": 4},
     "slerp": {"layer_granularity": 1},
@@ -81,7 +94,9 @@ CASES = {
 
 
 def case_raw(zoo, name: str) -> dict:
-    method = next(m for m in ("task_arithmetic", "dare_ties", "linear", "ties", "slerp") if name.startswith(m))
+    method = next(
+        m for m in ("task_arithmetic", "dare_ties", "linear", "ties", "slerp") if name.startswith(m)
+    )
     genome = {k: v for k, v in CASES[name].items() if v is not None}
     raw = evolve_raw(zoo, method, **genome)
     if name in ("dare_ties_base_in_models", "linear_base_in_models"):
@@ -99,7 +114,9 @@ def test_start_point_decodes_to_mergekits_initial_genotype(zoo, name):
     assert space.dim == x0.size
     assert space.initial_genotype() == pytest.approx(x0.tolist(), abs=1e-7)
     ours = space.decode(space.start_point()).to_dict()
-    assert rounded(ours, 6) == rounded(mergekit_recipe(genome, x0), 6)  # mergekit's start is float32
+    assert rounded(ours, 6) == rounded(
+        mergekit_recipe(genome, x0), 6
+    )  # mergekit's start is float32
     assert ours["parameters"]["int8_mask"] is True and ours["dtype"] == "bfloat16"
 
 
@@ -116,12 +133,16 @@ def test_hand_picked_genotypes_decode_as_mergekits_genome(zoo, name):
         np.where(np.arange(n) % 2 == 0, 0.5, 0.25),  # ties between genes
     ]
     for genotype in picks:
-        assert rounded(space.recipe_for_genotype(genotype.tolist()).to_dict(), 12) == rounded(mergekit_recipe(genome, genotype), 12)
+        assert rounded(space.recipe_for_genotype(genotype.tolist()).to_dict(), 12) == rounded(
+            mergekit_recipe(genome, genotype), 12
+        )
     # a point of the unit cube decodes through its gene ranges to the same recipe as its genotype
     u = np.random.default_rng(1).uniform(size=n)
     genotype = space.genotype(u.tolist())
     assert space.point(genotype) == pytest.approx(u.tolist())
-    assert rounded(space.decode(u.tolist()).to_dict(), 12) == rounded(mergekit_recipe(genome, genotype), 12)
+    assert rounded(space.decode(u.tolist()).to_dict(), 12) == rounded(
+        mergekit_recipe(genome, genotype), 12
+    )
 
 
 def test_random_init_starts_from_uniform_genes_in_range(zoo):
@@ -136,7 +157,9 @@ def test_random_init_starts_from_uniform_genes_in_range(zoo):
 
 def test_native_config_keeps_mergekits_defaults_and_fitness_ranking(zoo):
     raw = evolve_raw(zoo, "ties", layer_granularity=2)
-    raw["tasks"].append({"name": "zoo_shift_dev", "weight": -0.5, "metric": "exact_match,strict-match"})
+    raw["tasks"].append(
+        {"name": "zoo_shift_dev", "weight": -0.5, "metric": "exact_match,strict-match"}
+    )
     native = parse_search_config(native_config(parse_evolve_config(raw)))
     assert native.budget.max_evals == 100 and native.dtype == "bfloat16"
     assert native.optimizer.kind == "cma" and native.optimizer.sigma0 == pytest.approx(1 / 6)
@@ -188,22 +211,49 @@ def test_unknown_evolve_field_is_refused(zoo):
 
 
 def test_migrate_writes_a_native_config_with_the_flags_mapped(zoo, tmp_path):
-    raw = evolve_raw(zoo, "dare_ties", layer_granularity=2, filters=["mlp"], allow_negative_weights=True)
+    raw = evolve_raw(
+        zoo, "dare_ties", layer_granularity=2, filters=["mlp"], allow_negative_weights=True
+    )
     path = tmp_path / "evolve.yaml"
     path.write_text(yaml.safe_dump(raw))
     out = tmp_path / "search.yaml"
     flags = [
-        "--max-fevals", "40", "--vllm", "--num-gpus", "4", "--storage-path", "/data/evo", "--strategy", "buffered",
-        "--sigma0", "0.5", "--force-population-size", "8", "--timeout", "600", "--in-memory", "--batch-size", "16",
-        "--wandb", "--task-search-path", str(tmp_path),
+        "--max-fevals",
+        "40",
+        "--vllm",
+        "--num-gpus",
+        "4",
+        "--storage-path",
+        "/data/evo",
+        "--strategy",
+        "buffered",
+        "--sigma0",
+        "0.5",
+        "--force-population-size",
+        "8",
+        "--timeout",
+        "600",
+        "--in-memory",
+        "--batch-size",
+        "16",
+        "--wandb",
+        "--task-search-path",
+        str(tmp_path),
     ]
     result = runner.invoke(app, ["migrate", str(path), "--out", str(out), *flags])
     assert result.exit_code == 0, result.output
     text = out.read_text()
     native = parse_search_config(yaml.safe_load(text))
     assert native.budget.max_evals == 40 and native.budget.max_minutes == 10
-    assert native.backend == "vllm" and native.workers == 4 and native.device == "cuda" and native.batch_size == 16
-    assert native.optimizer.popsize == 8 and native.optimizer.sigma0 == pytest.approx(0.25)  # gene range [-1, 1]
+    assert (
+        native.backend == "vllm"
+        and native.workers == 4
+        and native.device == "cuda"
+        and native.batch_size == 16
+    )
+    assert native.optimizer.popsize == 8 and native.optimizer.sigma0 == pytest.approx(
+        0.25
+    )  # gene range [-1, 1]
     assert native.task_paths == [str(tmp_path)]
     assert native.space.genome is not None and native.space.genome.allow_negative_weights
     assert native.space.filters == ["mlp"] and native.space.layer_granularity == 2
@@ -214,15 +264,27 @@ def test_migrate_writes_a_native_config_with_the_flags_mapped(zoo, tmp_path):
     assert any(f"evomerge search {out} --out /data/evo --gpus-per-worker 1" in c for c in comments)
     # without --out: the same config on stdout
     printed = runner.invoke(app, ["migrate", str(path)])
-    assert printed.exit_code == 0 and parse_search_config(yaml.safe_load(printed.stdout)).budget.max_evals == 100
+    assert (
+        printed.exit_code == 0
+        and parse_search_config(yaml.safe_load(printed.stdout)).budget.max_evals == 100
+    )
 
 
 def test_flags_without_counterpart_each_get_a_comment():
     from evomerge.evolve_config import flag_comments
 
     every = EvolveFlags(
-        in_memory=True, merge_cuda=False, trust_remote_code=True, allow_crimes=True, wandb=True, save_final_model=False,
-        reshard=False, load_in_8bit=True, load_in_4bit=True, allow_benchmark_tasks=True, strategy="pool",
+        in_memory=True,
+        merge_cuda=False,
+        trust_remote_code=True,
+        allow_crimes=True,
+        wandb=True,
+        save_final_model=False,
+        reshard=False,
+        load_in_8bit=True,
+        load_in_4bit=True,
+        allow_benchmark_tasks=True,
+        strategy="pool",
     )
     no_counterpart = [c for c in flag_comments(every) if "no counterpart" in c]
     assert len(no_counterpart) == 10
@@ -234,33 +296,61 @@ def test_search_runs_an_evolve_config_as_it_is(zoo, tmp_path):
     path.write_text(yaml.safe_dump(raw))
     run_dir = tmp_path / "run"
     result = runner.invoke(
-        app, ["search", str(path), "--out", str(run_dir), "--max-evals", "3", "--workers", "0", "--no-save-best", "--no-report"]
+        app,
+        [
+            "search",
+            str(path),
+            "--out",
+            str(run_dir),
+            "--max-evals",
+            "3",
+            "--workers",
+            "0",
+            "--no-save-best",
+            "--no-report",
+        ],
     )
     assert result.exit_code == 0, result.output
-    assert "genes are searched in bounded ranges" in result.output and "sum of |weight|" in result.output
+    assert (
+        "genes are searched in bounded ranges" in result.output
+        and "sum of |weight|" in result.output
+    )
     assert "not applied by evomerge: apply_chat_template" in result.output
     trials = read_trials(run_dir)
     assert len(trials) == 3 and all(t["status"] == "ok" for t in trials)
     space = build(raw)  # trial 0 is the genome's start point: weight 1/3, density 1 everywhere
-    assert rounded(trials[0]["recipe"], 9) == rounded(space.decode(space.start_point()).to_dict(), 9)
+    assert rounded(trials[0]["recipe"], 9) == rounded(
+        space.decode(space.start_point()).to_dict(), 9
+    )
     # the fitness is the weighted mean (weights 2 and 1) of the two dev accuracies
     m = trials[0]["metrics"]
-    assert trials[0]["fitness"] == pytest.approx((2 * m["zoo_addition_dev"]["acc"] + m["zoo_reversal_dev"]["acc"]) / 3)
+    assert trials[0]["fitness"] == pytest.approx(
+        (2 * m["zoo_addition_dev"]["acc"] + m["zoo_reversal_dev"]["acc"]) / 3
+    )
     best = max(trials, key=lambda t: t["fitness"])
     assert Recipe.load(run_dir / "best.yaml").to_dict() == best["recipe"]
     documents = list(yaml.safe_load_all((run_dir / "best_config.yaml").read_text()))
     assert len(documents) == 1 and documents[0] == best["recipe"]
     mergekit_config = pytest.importorskip("mergekit.config")
     mergekit_config.MergeConfiguration.model_validate(documents[0])  # mergekit reads it
-    assert Path(run_dir / "config.yaml").exists() and "genome" in yaml.safe_load((run_dir / "config.yaml").read_text())["space"]
+    assert (
+        Path(run_dir / "config.yaml").exists()
+        and "genome" in yaml.safe_load((run_dir / "config.yaml").read_text())["space"]
+    )
 
 
 @pytest.mark.parametrize(
     ("change", "field"),
     [
         ({"tokenizer_source": "union"}, "genome.tokenizer_source"),
-        ({"merge_method": "slerp", "layer_granularity": 2}, "genome.base_model"),  # base outside models: a third source
-        ({"merge_method": "linear"}, "genome.base_model"),  # base outside models: a source without a weight
+        (
+            {"merge_method": "slerp", "layer_granularity": 2},
+            "genome.base_model",
+        ),  # base outside models: a third source
+        (
+            {"merge_method": "linear"},
+            "genome.base_model",
+        ),  # base outside models: a source without a weight
         ({"models": []}, "genome.models"),
     ],
 )

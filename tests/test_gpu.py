@@ -29,15 +29,22 @@ DETERMINISTIC = {
 
 def _recipe(method: str, family: dict, extra: dict | None) -> Recipe:
     if method == "slerp":
-        return Recipe.from_dict({
-            "merge_method": "slerp", "base_model": str(family["base"]), "parameters": {"t": 0.3},
-            "models": [{"model": str(family["base"])}, {"model": str(family["a"])}],
-        })
+        return Recipe.from_dict(
+            {
+                "merge_method": "slerp",
+                "base_model": str(family["base"]),
+                "parameters": {"t": 0.3},
+                "models": [{"model": str(family["base"])}, {"model": str(family["a"])}],
+            }
+        )
     if method == "model_stock":
-        return Recipe.from_dict({
-            "merge_method": "model_stock", "base_model": str(family["base"]),
-            "models": [{"model": str(family["a"])}, {"model": str(family["b"])}],
-        })
+        return Recipe.from_dict(
+            {
+                "merge_method": "model_stock",
+                "base_model": str(family["base"]),
+                "models": [{"model": str(family["a"])}, {"model": str(family["b"])}],
+            }
+        )
     data = {
         "merge_method": method,
         "models": [
@@ -77,14 +84,21 @@ def test_gpu_worker_scores_like_cpu_worker(quick_zoo):
 
     models = (str(quick_zoo.base), *(str(p) for p in quick_zoo.specialists.values()))
     recipe = {
-        "merge_method": "ties", "base_model": str(quick_zoo.base),
-        "models": [{"model": str(p), "parameters": {"weight": 0.5, "density": 0.5}} for p in quick_zoo.specialists.values()],
+        "merge_method": "ties",
+        "base_model": str(quick_zoo.base),
+        "models": [
+            {"model": str(p), "parameters": {"weight": 0.5, "density": 0.5}}
+            for p in quick_zoo.specialists.values()
+        ],
     }
     results = {}
     for device in ("cpu", "cuda"):
         setup = WorkerSetup(
-            models=models, reference_model=str(quick_zoo.base), tasks=("zoo_addition_dev", "zoo_reversal_dev"),
-            limit=40, device=device,
+            models=models,
+            reference_model=str(quick_zoo.base),
+            tasks=("zoo_addition_dev", "zoo_reversal_dev"),
+            limit=40,
+            device=device,
         )
         worker = CandidateEvaluator(setup)
         results[device] = worker.evaluate(Job(0, recipe))

@@ -58,7 +58,12 @@ def test_cli_merge_writes_a_loadable_model(family_name, request, tmp_path):
 
 def test_weights_one_zero_is_model_a_and_sharded_output(llama_family, tmp_path):
     out = tmp_path / "merged"
-    merge_to_disk(Recipe.from_dict(_linear(llama_family, 1.0, 0.0)), out, max_shard_bytes=20_000, progress=False)
+    merge_to_disk(
+        Recipe.from_dict(_linear(llama_family, 1.0, 0.0)),
+        out,
+        max_shard_bytes=20_000,
+        progress=False,
+    )
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     a, merged = load_state(llama_family["a"]), load_state(out)
@@ -79,8 +84,13 @@ def test_passthrough_stacking_changes_layer_count(llama_family, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["num_hidden_layers"] == 6
     merged, b = load_state(out), load_state(llama_family["b"])
-    assert torch.equal(merged["model.layers.5.mlp.up_proj.weight"], b["model.layers.3.mlp.up_proj.weight"])
-    assert torch.equal(merged["model.layers.4.self_attn.q_proj.weight"], b["model.layers.2.self_attn.q_proj.weight"])
+    assert torch.equal(
+        merged["model.layers.5.mlp.up_proj.weight"], b["model.layers.3.mlp.up_proj.weight"]
+    )
+    assert torch.equal(
+        merged["model.layers.4.self_attn.q_proj.weight"],
+        b["model.layers.2.self_attn.q_proj.weight"],
+    )
     model = AutoModelForCausalLM.from_pretrained(out)
     assert len(model.model.layers) == 6
 
@@ -118,13 +128,19 @@ def test_gradient_reaches_layers_and_embeddings_use_t0(llama_family, tmp_path):
             {"model": str(llama_family["b"]), "parameters": {"weight": [0.0, 1.0]}},
         ],
     }
-    loaded = {name: LoadedModel(ModelReader(name)) for name in Recipe.from_dict(data).referenced_models()}
+    loaded = {
+        name: LoadedModel(ModelReader(name)) for name in Recipe.from_dict(data).referenced_models()
+    }
     merged = merge_to_state_dict(Recipe.from_dict(data), loaded)
     a, b = load_state(llama_family["a"]), load_state(llama_family["b"])
     assert torch.equal(merged["model.embed_tokens.weight"], a["model.embed_tokens.weight"])  # t = 0
     assert torch.equal(merged["lm_head.weight"], a["lm_head.weight"])  # last slice, also t = 0
-    assert torch.equal(merged["model.layers.0.mlp.up_proj.weight"], a["model.layers.0.mlp.up_proj.weight"])
-    assert torch.allclose(merged["model.layers.3.mlp.up_proj.weight"], b["model.layers.3.mlp.up_proj.weight"])
+    assert torch.equal(
+        merged["model.layers.0.mlp.up_proj.weight"], a["model.layers.0.mlp.up_proj.weight"]
+    )
+    assert torch.allclose(
+        merged["model.layers.3.mlp.up_proj.weight"], b["model.layers.3.mlp.up_proj.weight"]
+    )
     k = "model.layers.1.mlp.up_proj.weight"  # t = 1/3
     torch.testing.assert_close(merged[k], (2 / 3) * a[k] + (1 / 3) * b[k])
 
@@ -167,19 +183,109 @@ def _bad_cases(paths, tmp_path):
         (pickled / "model.safetensors").unlink()
         torch.save(state, pickled / "pytorch_model.bin")
     return {
-        "unknown method": ({"merge_method": "tiez", "models": [{"model": a}]}, "unknown merge_method 'tiez'"),
-        "missing base": ({"merge_method": "ties", "models": [{"model": a, "parameters": {"weight": 1}}]}, "needs a base_model"),
-        "slerp count": ({"merge_method": "slerp", "base_model": base, "models": [{"model": a}, {"model": b}], "parameters": {"t": 0.5}}, "exactly 1"),
-        "density range": ({"merge_method": "ties", "base_model": base, "models": [{"model": a, "parameters": {"weight": 1, "density": 1.5}}]}, "density"),
-        "t range": ({"merge_method": "slerp", "base_model": base, "models": [{"model": a}], "parameters": {"t": -0.1}}, "t"),
-        "della epsilon": ({"merge_method": "della", "base_model": base, "models": [{"model": a, "parameters": {"weight": 1, "density": 0.95, "epsilon": 0.1}}]}, "epsilon"),
-        "layer range": ({"merge_method": "passthrough", "slices": [{"sources": [{"model": a, "layer_range": [0, 9]}]}]}, "past its 4 layers"),
-        "models and slices": ({"merge_method": "linear", "models": [{"model": a}], "slices": [{"sources": [{"model": a, "layer_range": [0, 1]}]}]}, "exactly one of 'models' or 'slices'"),
-        "missing dir": ({"merge_method": "linear", "models": [{"model": str(tmp_path / "nowhere"), "parameters": {"weight": 1}}]}, "nowhere"),
-        "layer count mismatch": ({"merge_method": "linear", "models": [{"model": a, "parameters": {"weight": 1}}, {"model": str(shallow), "parameters": {"weight": 1}}]}, "same number of layers"),
-        "shape mismatch": ({"merge_method": "linear", "models": [{"model": a, "parameters": {"weight": 1}}, {"model": str(reshaped), "parameters": {"weight": 1}}]}, r"model.layers.1.mlp.up_proj.weight: shapes differ.*\[80, 32\]"),
-        "different architecture": ({"merge_method": "linear", "models": [{"model": a, "parameters": {"weight": 1}}, {"model": str(wide), "parameters": {"weight": 1}}]}, "not found|shapes differ"),
-        "pickle weights": ({"merge_method": "linear", "models": [{"model": str(pickled), "parameters": {"weight": 1}}]}, "allow-pickle|allow_pickle"),
+        "unknown method": (
+            {"merge_method": "tiez", "models": [{"model": a}]},
+            "unknown merge_method 'tiez'",
+        ),
+        "missing base": (
+            {"merge_method": "ties", "models": [{"model": a, "parameters": {"weight": 1}}]},
+            "needs a base_model",
+        ),
+        "slerp count": (
+            {
+                "merge_method": "slerp",
+                "base_model": base,
+                "models": [{"model": a}, {"model": b}],
+                "parameters": {"t": 0.5},
+            },
+            "exactly 1",
+        ),
+        "density range": (
+            {
+                "merge_method": "ties",
+                "base_model": base,
+                "models": [{"model": a, "parameters": {"weight": 1, "density": 1.5}}],
+            },
+            "density",
+        ),
+        "t range": (
+            {
+                "merge_method": "slerp",
+                "base_model": base,
+                "models": [{"model": a}],
+                "parameters": {"t": -0.1},
+            },
+            "t",
+        ),
+        "della epsilon": (
+            {
+                "merge_method": "della",
+                "base_model": base,
+                "models": [
+                    {"model": a, "parameters": {"weight": 1, "density": 0.95, "epsilon": 0.1}}
+                ],
+            },
+            "epsilon",
+        ),
+        "layer range": (
+            {
+                "merge_method": "passthrough",
+                "slices": [{"sources": [{"model": a, "layer_range": [0, 9]}]}],
+            },
+            "past its 4 layers",
+        ),
+        "models and slices": (
+            {
+                "merge_method": "linear",
+                "models": [{"model": a}],
+                "slices": [{"sources": [{"model": a, "layer_range": [0, 1]}]}],
+            },
+            "exactly one of 'models' or 'slices'",
+        ),
+        "missing dir": (
+            {
+                "merge_method": "linear",
+                "models": [{"model": str(tmp_path / "nowhere"), "parameters": {"weight": 1}}],
+            },
+            "nowhere",
+        ),
+        "layer count mismatch": (
+            {
+                "merge_method": "linear",
+                "models": [
+                    {"model": a, "parameters": {"weight": 1}},
+                    {"model": str(shallow), "parameters": {"weight": 1}},
+                ],
+            },
+            "same number of layers",
+        ),
+        "shape mismatch": (
+            {
+                "merge_method": "linear",
+                "models": [
+                    {"model": a, "parameters": {"weight": 1}},
+                    {"model": str(reshaped), "parameters": {"weight": 1}},
+                ],
+            },
+            r"model.layers.1.mlp.up_proj.weight: shapes differ.*\[80, 32\]",
+        ),
+        "different architecture": (
+            {
+                "merge_method": "linear",
+                "models": [
+                    {"model": a, "parameters": {"weight": 1}},
+                    {"model": str(wide), "parameters": {"weight": 1}},
+                ],
+            },
+            "not found|shapes differ",
+        ),
+        "pickle weights": (
+            {
+                "merge_method": "linear",
+                "models": [{"model": str(pickled), "parameters": {"weight": 1}}],
+            },
+            "allow-pickle|allow_pickle",
+        ),
     }
 
 
@@ -193,7 +299,9 @@ def test_bad_input_exits_2_with_one_line_and_no_output(llama_family, tmp_path):
 
         assert re.search(message, result.output), f"{case}: {result.output!r}"
         assert not out.exists(), case
-        assert not any(p.name.startswith(f".{out.name}") for p in tmp_path.iterdir()), f"{case}: temp dir left behind"
+        assert not any(p.name.startswith(f".{out.name}") for p in tmp_path.iterdir()), (
+            f"{case}: temp dir left behind"
+        )
 
 
 def test_malformed_yaml_and_existing_output(llama_family, tmp_path):
@@ -203,16 +311,30 @@ def test_malformed_yaml_and_existing_output(llama_family, tmp_path):
     assert result.exit_code == 2 and "malformed YAML" in result.output
     out = tmp_path / "exists"
     out.mkdir()
-    result = runner.invoke(app, ["merge", str(_write(tmp_path, _linear(llama_family))), "--out", str(out), "-q"])
+    result = runner.invoke(
+        app, ["merge", str(_write(tmp_path, _linear(llama_family))), "--out", str(out), "-q"]
+    )
     assert result.exit_code == 2 and "exists" in result.output
-    result = runner.invoke(app, ["merge", str(_write(tmp_path, _linear(llama_family))), "--out", str(out), "-q", "--overwrite"])
+    result = runner.invoke(
+        app,
+        [
+            "merge",
+            str(_write(tmp_path, _linear(llama_family))),
+            "--out",
+            str(out),
+            "-q",
+            "--overwrite",
+        ],
+    )
     assert result.exit_code == 0 and (out / "config.json").exists()
 
 
 def test_pickle_weights_load_with_opt_in(llama_family, tmp_path):
     data, _ = _bad_cases(llama_family, tmp_path)["pickle weights"]
     out = tmp_path / "from-bin"
-    result = runner.invoke(app, ["merge", str(_write(tmp_path, data)), "--out", str(out), "-q", "--allow-pickle"])
+    result = runner.invoke(
+        app, ["merge", str(_write(tmp_path, data)), "--out", str(out), "-q", "--allow-pickle"]
+    )
     assert result.exit_code == 0, result.output
     a = load_state(llama_family["a"])
     merged = load_state(out)

@@ -76,7 +76,9 @@ FAST_OPTIONS = {
     "optuna-nsga2": {"population_size": 8},
     "random": {},
 }
-N_BATCHES = {"optuna-gp": 3}  # each GP suggestion fits a model: keep it short (2 is too few to rely on)
+N_BATCHES = {
+    "optuna-gp": 3
+}  # each GP suggestion fits a model: keep it short (2 is too few to rely on)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -283,8 +285,11 @@ print(json.dumps([c.x for c in opt.ask(6)]))
 """
     seed = "1" if os.environ.get("PYTHONHASHSEED") != "1" else "2"
     out = subprocess.run(
-        [sys.executable, "-c", script], env={**os.environ, "PYTHONHASHSEED": seed},
-        capture_output=True, text=True, check=True,
+        [sys.executable, "-c", script],
+        env={**os.environ, "PYTHONHASHSEED": seed},
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     assert [tuple(x) for x in json.loads(out)] == expected
 
@@ -337,7 +342,9 @@ def test_optuna_resume_asks_what_the_uninterrupted_study_asks(kind: str, tmp_pat
     options = {**FAST_OPTIONS[kind], **({"n_startup_trials": 4} if kind == "optuna-tpe" else {})}
 
     def make(run_dir: Path | None) -> Optimizer:
-        return make_optimizer(kind, DIM, seed=3, run_dir=run_dir, n_objectives=n_objectives, **options)
+        return make_optimizer(
+            kind, DIM, seed=3, run_dir=run_dir, n_objectives=n_objectives, **options
+        )
 
     uninterrupted = make(None)
     run_batches(uninterrupted, 14, 1, objective)
@@ -347,7 +354,9 @@ def test_optuna_resume_asks_what_the_uninterrupted_study_asks(kind: str, tmp_pat
     run_batches(crashed, 9, 1, objective)
     lost = crashed.ask(1)  # asked, committed RUNNING, never told
     del crashed
-    resumed = load_optimizer(kind, DIM, seed=3, run_dir=tmp_path, n_objectives=n_objectives, **options)
+    resumed = load_optimizer(
+        kind, DIM, seed=3, run_dir=tmp_path, n_objectives=n_objectives, **options
+    )
     assert resumed.unfinished() == lost
     for c in lost:
         resumed.tell(c.id, objective(c.x))

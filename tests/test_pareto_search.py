@@ -87,7 +87,9 @@ def test_the_search_summary_names_the_rule_and_best_yaml_is_its_pick(nsga2_run):
         f"best trial #{picked['id']} (picked by maximin: the highest worst dev objective)" in output
     )
     listed = ", ".join(f"#{t['id']}" for t in first_front)
-    assert f"Pareto front: {len(first_front)} trial" in output and f"({listed}); export them" in output
+    assert (
+        f"Pareto front: {len(first_front)} trial" in output and f"({listed}); export them" in output
+    )
     run_dir, summary = nsga2_run["run_dir"], nsga2_run["summary"]
     best = pareto.select(pareto.trial_front(read_trials(run_dir)), "maximin")
     assert summary.best_id == best["id"] and summary.select == "maximin"

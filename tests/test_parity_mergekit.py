@@ -27,52 +27,120 @@ def _models(*names, weights=None, params=None):
     return out
 
 
-SA_MLP = [{"filter": "self_attn", "value": [0.0, 0.5, 0.3, 0.7, 1.0]}, {"filter": "mlp", "value": [1.0, 0.5, 0.7, 0.3, 0.0]}, {"value": 0.5}]
+SA_MLP = [
+    {"filter": "self_attn", "value": [0.0, 0.5, 0.3, 0.7, 1.0]},
+    {"filter": "mlp", "value": [1.0, 0.5, 0.7, 0.3, 0.0]},
+    {"value": 0.5},
+]
 
 DETERMINISTIC = {
     "linear": {"merge_method": "linear", "models": _models("a", "b", weights=[0.3, 0.7])},
     "linear_gradient_filter_unnormalized": {
         "merge_method": "linear",
-        "models": _models("a", "b", params=[{"weight": [0.2, 0.9]}, {"weight": [{"filter": "mlp", "value": 0.4}, {"value": [1.0, 0.1]}]}]),
+        "models": _models(
+            "a",
+            "b",
+            params=[
+                {"weight": [0.2, 0.9]},
+                {"weight": [{"filter": "mlp", "value": 0.4}, {"value": [1.0, 0.1]}]},
+            ],
+        ),
         "parameters": {"normalize": False},
     },
     "task_arithmetic": {
-        "merge_method": "task_arithmetic", "base_model": "base",
-        "models": _models("a", "b", weights=[0.5, 0.8]), "parameters": {"lambda": 0.9},
+        "merge_method": "task_arithmetic",
+        "base_model": "base",
+        "models": _models("a", "b", weights=[0.5, 0.8]),
+        "parameters": {"lambda": 0.9},
     },
     "ties": {
-        "merge_method": "ties", "base_model": "base",
-        "models": _models("a", "b", params=[{"weight": 1.0, "density": 0.5}, {"weight": 0.6, "density": 0.7}]),
+        "merge_method": "ties",
+        "base_model": "base",
+        "models": _models(
+            "a", "b", params=[{"weight": 1.0, "density": 0.5}, {"weight": 0.6, "density": 0.7}]
+        ),
     },
     "ties_gradient_filters_no_normalize": {
-        "merge_method": "ties", "base_model": "base",
-        "models": _models("a", "b", params=[{"weight": [0.2, 1.0], "density": [{"filter": "mlp", "value": 0.3}, {"value": 0.8}]}, {"weight": 0.7, "density": [0.9, 0.4]}]),
+        "merge_method": "ties",
+        "base_model": "base",
+        "models": _models(
+            "a",
+            "b",
+            params=[
+                {
+                    "weight": [0.2, 1.0],
+                    "density": [{"filter": "mlp", "value": 0.3}, {"value": 0.8}],
+                },
+                {"weight": 0.7, "density": [0.9, 0.4]},
+            ],
+        ),
         "parameters": {"normalize": False, "lambda": 1.2},
     },
     "breadcrumbs": {
-        "merge_method": "breadcrumbs", "base_model": "base",
-        "models": _models("a", "b", params=[{"weight": 0.6, "density": 0.8, "gamma": 0.05}, {"weight": 0.4, "density": 0.9, "gamma": 0.02}]),
+        "merge_method": "breadcrumbs",
+        "base_model": "base",
+        "models": _models(
+            "a",
+            "b",
+            params=[
+                {"weight": 0.6, "density": 0.8, "gamma": 0.05},
+                {"weight": 0.4, "density": 0.9, "gamma": 0.02},
+            ],
+        ),
     },
     "breadcrumbs_ties": {
-        "merge_method": "breadcrumbs_ties", "base_model": "base",
-        "models": _models("a", "b", params=[{"weight": 0.6, "density": 0.8, "gamma": 0.05}, {"weight": 0.4, "density": 0.9, "gamma": 0.02}]),
+        "merge_method": "breadcrumbs_ties",
+        "base_model": "base",
+        "models": _models(
+            "a",
+            "b",
+            params=[
+                {"weight": 0.6, "density": 0.8, "gamma": 0.05},
+                {"weight": 0.4, "density": 0.9, "gamma": 0.02},
+            ],
+        ),
     },
     "slerp_filters": {
-        "merge_method": "slerp", "base_model": "base",
-        "models": _models("base", "a"), "parameters": {"t": SA_MLP},
+        "merge_method": "slerp",
+        "base_model": "base",
+        "models": _models("base", "a"),
+        "parameters": {"t": SA_MLP},
     },
     "nuslerp": {"merge_method": "nuslerp", "models": _models("a", "b", weights=[0.3, 0.6])},
     "nuslerp_base_rowwise": {
-        "merge_method": "nuslerp", "base_model": "base", "models": _models("a", "b", weights=[0.5, 0.5]),
+        "merge_method": "nuslerp",
+        "base_model": "base",
+        "models": _models("a", "b", weights=[0.5, 0.5]),
         "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True},
     },
-    "multislerp": {"merge_method": "multislerp", "models": _models("a", "b", "c", weights=[0.2, 0.3, 0.5])},
-    "multislerp_base": {"merge_method": "multislerp", "base_model": "base", "models": _models("a", "b", weights=[1.0, 1.0])},
+    "multislerp": {
+        "merge_method": "multislerp",
+        "models": _models("a", "b", "c", weights=[0.2, 0.3, 0.5]),
+    },
+    "multislerp_base": {
+        "merge_method": "multislerp",
+        "base_model": "base",
+        "models": _models("a", "b", weights=[1.0, 1.0]),
+    },
     "karcher": {"merge_method": "karcher", "models": _models("a", "b", "c")},
-    "model_stock": {"merge_method": "model_stock", "base_model": "base", "models": _models("a", "b", "c")},
-    "nearswap": {"merge_method": "nearswap", "base_model": "base", "models": _models("a"), "parameters": {"t": 0.01}},
+    "model_stock": {
+        "merge_method": "model_stock",
+        "base_model": "base",
+        "models": _models("a", "b", "c"),
+    },
+    "nearswap": {
+        "merge_method": "nearswap",
+        "base_model": "base",
+        "models": _models("a"),
+        "parameters": {"t": 0.01},
+    },
     "arcee_fusion": {"merge_method": "arcee_fusion", "base_model": "base", "models": _models("a")},
-    "sce": {"merge_method": "sce", "base_model": "base", "models": _models("a", "b", "c"), "parameters": {"select_topk": 0.5}},
+    "sce": {
+        "merge_method": "sce",
+        "base_model": "base",
+        "models": _models("a", "b", "c"),
+        "parameters": {"select_topk": 0.5},
+    },
     "passthrough_stack": {
         "merge_method": "passthrough",
         "slices": [
@@ -81,19 +149,39 @@ DETERMINISTIC = {
         ],
     },
     "slices_with_own_parameters": {
-        "merge_method": "task_arithmetic", "base_model": "base",
+        "merge_method": "task_arithmetic",
+        "base_model": "base",
         "parameters": {"weight": 0.5},
         "slices": [
-            {"sources": [{"model": "base", "layer_range": [0, 2]}, {"model": "a", "layer_range": [0, 2], "parameters": {"weight": 0.9}}, {"model": "b", "layer_range": [0, 2]}]},
-            {"sources": [{"model": "base", "layer_range": [2, 4]}, {"model": "a", "layer_range": [2, 4]}, {"model": "b", "layer_range": [2, 4]}], "parameters": {"weight": [0.1, 0.3]}},
+            {
+                "sources": [
+                    {"model": "base", "layer_range": [0, 2]},
+                    {"model": "a", "layer_range": [0, 2], "parameters": {"weight": 0.9}},
+                    {"model": "b", "layer_range": [0, 2]},
+                ]
+            },
+            {
+                "sources": [
+                    {"model": "base", "layer_range": [2, 4]},
+                    {"model": "a", "layer_range": [2, 4]},
+                    {"model": "b", "layer_range": [2, 4]},
+                ],
+                "parameters": {"weight": [0.1, 0.3]},
+            },
         ],
     },
     "ties_bfloat16": {
-        "merge_method": "ties", "base_model": "base", "dtype": "bfloat16",
-        "models": _models("a", "b", params=[{"weight": 0.5, "density": 0.6}, {"weight": 0.5, "density": 0.6}]),
+        "merge_method": "ties",
+        "base_model": "base",
+        "dtype": "bfloat16",
+        "models": _models(
+            "a", "b", params=[{"weight": 0.5, "density": 0.6}, {"weight": 0.5, "density": 0.6}]
+        ),
     },
     "linear_bf16_out_fp32": {
-        "merge_method": "linear", "dtype": "bfloat16", "out_dtype": "float32",
+        "merge_method": "linear",
+        "dtype": "bfloat16",
+        "out_dtype": "float32",
         "models": _models("a", "b", weights=[0.5, 0.5]),
     },
 }
@@ -101,7 +189,14 @@ DETERMINISTIC = {
 
 def _with_paths(obj, paths):
     if isinstance(obj, dict):
-        return {k: (str(paths[v]) if k in ("model", "base_model", "tokenizer_source") and v in paths else _with_paths(v, paths)) for k, v in obj.items()}
+        return {
+            k: (
+                str(paths[v])
+                if k in ("model", "base_model", "tokenizer_source") and v in paths
+                else _with_paths(v, paths)
+            )
+            for k, v in obj.items()
+        }
     if isinstance(obj, list):
         return [_with_paths(v, paths) for v in obj]
     return obj
@@ -111,7 +206,13 @@ def _with_paths(obj, paths):
 def family(tmp_path_factory):
     from tiny_models import make_family
 
-    return make_family(tmp_path_factory.mktemp("parity"), "llama", names=("base", "a", "b", "c"), noise=0.05, seed=3)
+    return make_family(
+        tmp_path_factory.mktemp("parity"),
+        "llama",
+        names=("base", "a", "b", "c"),
+        noise=0.05,
+        seed=3,
+    )
 
 
 def _run_both(data, family, tmp_path, seed=0):
@@ -119,7 +220,9 @@ def _run_both(data, family, tmp_path, seed=0):
     ours, theirs = tmp_path / "evomerge", tmp_path / "mergekit"
     merge_to_disk(Recipe.from_dict(data), ours, seed=seed, progress=False)
     config = mergekit_config.MergeConfiguration.model_validate(yaml.safe_load(yaml.safe_dump(data)))
-    mergekit_merge.run_merge(config, str(theirs), MergeOptions(quiet=True, random_seed=seed, write_model_card=False))
+    mergekit_merge.run_merge(
+        config, str(theirs), MergeOptions(quiet=True, random_seed=seed, write_model_card=False)
+    )
     return load_state(ours), load_state(theirs)
 
 
@@ -142,10 +245,14 @@ def test_weights_match_mergekit(name, family, tmp_path):
             # threshold are kept is arbitrary in mergekit (an unstable argsort) and the earliest
             # in evomerge. Every other entry must agree exactly.
             differ = int((ours[key] != theirs[key]).sum())
-            assert differ <= 3 + theirs[key].numel() // 50, f"{name}: {key}: {differ} entries differ"
+            assert differ <= 3 + theirs[key].numel() // 50, (
+                f"{name}: {key}: {differ} entries differ"
+            )
             continue
         tol = 1e-2 if bf16 else 1e-5  # bfloat16: a few ulps of rounding-order differences
-        assert _rel_err(ours[key], theirs[key]) <= tol, f"{name}: {key} rel err {_rel_err(ours[key], theirs[key]):.2e}"
+        assert _rel_err(ours[key], theirs[key]) <= tol, (
+            f"{name}: {key} rel err {_rel_err(ours[key], theirs[key]):.2e}"
+        )
 
 
 @pytest.mark.parametrize("method", ["dare_linear", "dare_ties", "della", "della_linear"])
@@ -153,7 +260,11 @@ def test_stochastic_methods_match_mergekit_in_distribution(method, family, tmp_p
     params = {"weight": 1.0, "density": 0.5}
     if method.startswith("della"):
         params["epsilon"] = 0.1
-    data = {"merge_method": method, "base_model": "base", "models": [{"model": "a", "parameters": params}]}
+    data = {
+        "merge_method": method,
+        "base_model": "base",
+        "models": [{"model": "a", "parameters": params}],
+    }
     ours, theirs = _run_both(data, family, tmp_path, seed=1)
     base = load_state(family["base"])
     key = "model.layers.1.mlp.up_proj.weight"

@@ -70,9 +70,22 @@ def test_filters_first_match_wins_and_none_falls_through():
     density = recipe.models[0].parameters["density"]
     assert evaluate_setting(density, tensor="model.layers.0.mlp.up_proj.weight", t=0) == 0.3
     assert evaluate_setting(density, tensor="model.layers.0.self_attn.q_proj.weight", t=0) == 0.7
-    only_mlp = Recipe.from_dict(
-        {"merge_method": "ties", "base_model": "base", "models": [{"model": "a", "parameters": {"weight": 1, "density": [{"filter": "mlp", "value": 0.2}]}}]}
-    ).models[0].parameters["density"]
+    only_mlp = (
+        Recipe.from_dict(
+            {
+                "merge_method": "ties",
+                "base_model": "base",
+                "models": [
+                    {
+                        "model": "a",
+                        "parameters": {"weight": 1, "density": [{"filter": "mlp", "value": 0.2}]},
+                    }
+                ],
+            }
+        )
+        .models[0]
+        .parameters["density"]
+    )
     assert evaluate_setting(only_mlp, tensor="model.layers.0.self_attn.q_proj.weight", t=0) is None
 
 
@@ -80,9 +93,13 @@ def test_precedence_model_then_slice_then_global():
     recipe = Recipe.from_yaml(TIES)
     (s,) = recipe.output_slices(LAYERS)
     names = {m: "model.layers.2.mlp.up_proj.weight" for m in s.models}
-    p = resolve_params(recipe, s, t=1 / 3, out_tensor=names["a"], in_tensors=names, models=["a", "b"])
+    p = resolve_params(
+        recipe, s, t=1 / 3, out_tensor=names["a"], in_tensors=names, models=["a", "b"]
+    )
     assert p.model_params["weight"] == pytest.approx([1 / 3, 0.5])
-    assert p.model_params["density"] == pytest.approx([0.3, 0.9])  # b falls back to the global density
+    assert p.model_params["density"] == pytest.approx(
+        [0.3, 0.9]
+    )  # b falls back to the global density
     assert p.global_params["lambda"] == 1.5
     assert p.global_params["normalize"] is False
 
@@ -113,7 +130,9 @@ def test_slice_parameters_sit_between_model_and_global():
 
 
 def test_defaults_and_required():
-    recipe = Recipe.from_dict({"merge_method": "ties", "base_model": "base", "models": [{"model": "a"}]})
+    recipe = Recipe.from_dict(
+        {"merge_method": "ties", "base_model": "base", "models": [{"model": "a"}]}
+    )
     (s,) = recipe.output_slices(LAYERS)
     names = {m: "w" for m in s.models}
     with pytest.raises(RecipeError, match="missing required parameter 'weight'.*'a'"):
@@ -139,20 +158,45 @@ def test_slices_layer_t_and_stacking():
     ("data", "message"),
     [
         ({"merge_method": "nope", "models": [{"model": "a"}]}, "unknown merge_method 'nope'"),
-        ({"merge_method": "ties", "models": [{"model": "a", "parameters": {"weight": 1}}]}, "needs a base_model"),
         (
-            {"merge_method": "linear", "models": [{"model": "a"}], "slices": [{"sources": [{"model": "a", "layer_range": [0, 1]}]}]},
+            {"merge_method": "ties", "models": [{"model": "a", "parameters": {"weight": 1}}]},
+            "needs a base_model",
+        ),
+        (
+            {
+                "merge_method": "linear",
+                "models": [{"model": "a"}],
+                "slices": [{"sources": [{"model": "a", "layer_range": [0, 1]}]}],
+            },
             "exactly one of 'models' or 'slices'",
         ),
         (
-            {"merge_method": "ties", "base_model": "b", "models": [{"model": "a", "parameters": {"weight": 1, "density": 1.5}}]},
+            {
+                "merge_method": "ties",
+                "base_model": "b",
+                "models": [{"model": "a", "parameters": {"weight": 1, "density": 1.5}}],
+            },
             "density",
         ),
-        ({"merge_method": "slerp", "base_model": "a", "models": [{"model": "a"}, {"model": "b"}], "parameters": {"t": 2}}, "t"),
-        ({"merge_method": "linear", "models": [{"model": "a"}], "dtype": "float8"}, "dtype"),
-        ({"merge_method": "linear", "models": [{"model": "a"}], "bogus": 1}, "bogus: unknown field"),
         (
-            {"merge_method": "linear", "slices": [{"sources": [{"model": "a", "layer_range": [3, 1]}]}]},
+            {
+                "merge_method": "slerp",
+                "base_model": "a",
+                "models": [{"model": "a"}, {"model": "b"}],
+                "parameters": {"t": 2},
+            },
+            "t",
+        ),
+        ({"merge_method": "linear", "models": [{"model": "a"}], "dtype": "float8"}, "dtype"),
+        (
+            {"merge_method": "linear", "models": [{"model": "a"}], "bogus": 1},
+            "bogus: unknown field",
+        ),
+        (
+            {
+                "merge_method": "linear",
+                "slices": [{"sources": [{"model": "a", "layer_range": [3, 1]}]}],
+            },
             "layer_range",
         ),
     ],
@@ -173,15 +217,31 @@ def test_della_epsilon_constraint_is_checked():
         import torch
 
         (s,) = recipe.output_slices(LAYERS)
-        s.method.merge(torch.zeros(4), [torch.ones(4)], {"weight": [1.0], "density": [0.9], "epsilon": [0.2]}, {"lambda": 1.0, "normalize": True, "rescale": True, "int8_mask": False}, torch.Generator().manual_seed(0))
+        s.method.merge(
+            torch.zeros(4),
+            [torch.ones(4)],
+            {"weight": [1.0], "density": [0.9], "epsilon": [0.2]},
+            {"lambda": 1.0, "normalize": True, "rescale": True, "int8_mask": False},
+            torch.Generator().manual_seed(0),
+        )
 
 
 def test_layer_range_past_model_and_model_counts():
-    bad_range = Recipe.from_dict({"merge_method": "passthrough", "slices": [{"sources": [{"model": "a", "layer_range": [0, 9]}]}]})
+    bad_range = Recipe.from_dict(
+        {
+            "merge_method": "passthrough",
+            "slices": [{"sources": [{"model": "a", "layer_range": [0, 9]}]}],
+        }
+    )
     with pytest.raises(RecipeError, match="past its 4 layers"):
         bad_range.output_slices(LAYERS)
     slerp3 = Recipe.from_dict(
-        {"merge_method": "slerp", "base_model": "base", "models": [{"model": "a"}, {"model": "b"}], "parameters": {"t": 0.5}}
+        {
+            "merge_method": "slerp",
+            "base_model": "base",
+            "models": [{"model": "a"}, {"model": "b"}],
+            "parameters": {"t": 0.5},
+        }
     )
     with pytest.raises(RecipeError, match="slerp.*exactly 1"):
         slerp3.output_slices(LAYERS)
@@ -197,7 +257,13 @@ def test_malformed_yaml_names_the_file(tmp_path):
 
 
 def test_tokenizer_source():
-    base = {"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1}}, {"model": "b", "parameters": {"weight": 1}}]}
+    base = {
+        "merge_method": "linear",
+        "models": [
+            {"model": "a", "parameters": {"weight": 1}},
+            {"model": "b", "parameters": {"weight": 1}},
+        ],
+    }
     assert Recipe.from_dict(base).tokenizer_model() == "a"
     assert Recipe.from_dict({**base, "tokenizer_source": "b"}).tokenizer_model() == "b"
     with pytest.raises(RecipeError, match="union"):
@@ -212,7 +278,12 @@ def test_per_slice_merge_method_extension():
             "merge_method": "linear",
             "base_model": "base",
             "slices": [
-                {"sources": [{"model": "a", "layer_range": [0, 2], "parameters": {"weight": 1}}, {"model": "b", "layer_range": [0, 2], "parameters": {"weight": 1}}]},
+                {
+                    "sources": [
+                        {"model": "a", "layer_range": [0, 2], "parameters": {"weight": 1}},
+                        {"model": "b", "layer_range": [0, 2], "parameters": {"weight": 1}},
+                    ]
+                },
                 {
                     "merge_method": "ties",
                     "sources": [
@@ -233,10 +304,14 @@ def test_per_slice_merge_method_extension():
 def test_a_parameter_only_other_methods_read_is_ignored_with_a_warning_as_mergekit_does():
     # mergekit-evolve writes int8_mask and normalize into every recipe, whatever its method
     data = {
-        "merge_method": "slerp", "base_model": "a", "parameters": {"t": 0.5, "normalize": True},
+        "merge_method": "slerp",
+        "base_model": "a",
+        "parameters": {"t": 0.5, "normalize": True},
         "models": [{"model": "a"}, {"model": "b"}],
     }
-    with pytest.warns(UserWarning, match="merge_method 'slerp' does not use parameter 'normalize'; ignored"):
+    with pytest.warns(
+        UserWarning, match="merge_method 'slerp' does not use parameter 'normalize'; ignored"
+    ):
         Recipe.from_dict(data)
     with pytest.raises(RecipeError, match="has no parameter 'normalise'; valid: t"):
         Recipe.from_dict({**data, "parameters": {"t": 0.5, "normalise": True}})

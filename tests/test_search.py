@@ -28,7 +28,11 @@ def write_config(tmp_path, zoo, **overrides):
     config = {
         "models": [str(zoo.specialists[s]) for s in skills],
         "base_model": str(zoo.base),
-        "space": {"methods": ["task_arithmetic"], "layer_granularity": 2, "knobs": {"weight": {"low": 0.0, "high": 1.0}}},
+        "space": {
+            "methods": ["task_arithmetic"],
+            "layer_granularity": 2,
+            "knobs": {"weight": {"low": 0.0, "high": 1.0}},
+        },
         "tasks": [f"zoo_{s}_dev" for s in skills],
         "test_tasks": [f"zoo_{s}_test" for s in skills],
         "limit": 16,
@@ -37,11 +41,20 @@ def write_config(tmp_path, zoo, **overrides):
             {
                 "merge_method": "task_arithmetic",
                 "base_model": str(zoo.base),
-                "models": [{"model": str(zoo.specialists[s]), "parameters": {"weight": 1 / 3}} for s in skills],
+                "models": [
+                    {"model": str(zoo.specialists[s]), "parameters": {"weight": 1 / 3}}
+                    for s in skills
+                ],
             }
         ],
         "baselines": {
-            "linear": {"merge_method": "linear", "models": [{"model": str(zoo.specialists[s]), "parameters": {"weight": 1.0}} for s in skills]}
+            "linear": {
+                "merge_method": "linear",
+                "models": [
+                    {"model": str(zoo.specialists[s]), "parameters": {"weight": 1.0}}
+                    for s in skills
+                ],
+            }
         },
         "budget": {"max_evals": 8},
         "workers": 0,
@@ -59,8 +72,12 @@ def test_serial_search_logs_every_trial_and_warm_start_comes_first(quick_zoo, tm
     assert summary.trials == len(trials) == 8 and summary.failed == 0
     assert [t["id"] for t in trials] == list(range(8))
     first = Recipe.from_dict(trials[0]["recipe"])
-    weights = [src.parameters["weight"] for sl in first.slices for src in sl.sources if src.parameters]
-    assert weights and weights == pytest.approx([1 / 3] * len(weights), abs=1e-5)  # the warm start, encoded then decoded
+    weights = [
+        src.parameters["weight"] for sl in first.slices for src in sl.sources if src.parameters
+    ]
+    assert weights and weights == pytest.approx(
+        [1 / 3] * len(weights), abs=1e-5
+    )  # the warm start, encoded then decoded
     for t in trials:
         assert set(t["metrics"]) == {f"zoo_{s}_dev" for s in quick_zoo.skills}
         assert t["merge_seconds"] > 0 and t["score_seconds"] > 0
@@ -91,7 +108,12 @@ class _Raising:
 
 def test_failed_candidates_are_logged_and_the_run_goes_on(quick_zoo, tmp_path):
     factory = lambda setup, n: make_pool(setup, 0, evaluator_cls=FailingEvaluator)  # noqa: E731
-    summary = search(write_config(tmp_path, quick_zoo), run_dir=tmp_path / "run", progress=False, pool_factory=factory)
+    summary = search(
+        write_config(tmp_path, quick_zoo),
+        run_dir=tmp_path / "run",
+        progress=False,
+        pool_factory=factory,
+    )
     trials = read_trials(summary.run_dir)
     failed = [t for t in trials if t["status"] == "failed"]
     assert len(trials) == 8 and [t["id"] for t in failed] == [1, 4, 7]
@@ -116,7 +138,11 @@ def test_interrupted_run_resumes_without_losing_or_rerunning_trials(quick_zoo, t
 
 
 def test_export_rebuilds_the_scored_weights(quick_zoo, tmp_path):
-    summary = search(write_config(tmp_path, quick_zoo, budget={"max_evals": 4}), run_dir=tmp_path / "run", progress=False)
+    summary = search(
+        write_config(tmp_path, quick_zoo, budget={"max_evals": 4}),
+        run_dir=tmp_path / "run",
+        progress=False,
+    )
     out_yaml = tmp_path / "best.yaml"
     result = runner.invoke(app, ["export", str(summary.run_dir), "--out", str(out_yaml)])
     assert result.exit_code == 0, result.output
@@ -136,7 +162,9 @@ def test_export_rebuilds_the_scored_weights(quick_zoo, tmp_path):
     assert rescored.fitness == pytest.approx(record["fitness"], abs=1e-6)
 
 
-def test_per_layer_method_choice_exports_a_mergekit_multi_file_with_the_same_weights(quick_zoo, tmp_path):
+def test_per_layer_method_choice_exports_a_mergekit_multi_file_with_the_same_weights(
+    quick_zoo, tmp_path
+):
     mergekit_multi = pytest.importorskip("mergekit.scripts.multimerge")
     skills = list(quick_zoo.skills)
     data = {
@@ -146,9 +174,18 @@ def test_per_layer_method_choice_exports_a_mergekit_multi_file_with_the_same_wei
             {
                 "merge_method": method,
                 "sources": [{"model": str(quick_zoo.base), "layer_range": [lo, lo + 1]}]
-                + [{"model": str(quick_zoo.specialists[s]), "layer_range": [lo, lo + 1], "parameters": {"weight": 0.4, "density": 0.6}} for s in skills],
+                + [
+                    {
+                        "model": str(quick_zoo.specialists[s]),
+                        "layer_range": [lo, lo + 1],
+                        "parameters": {"weight": 0.4, "density": 0.6},
+                    }
+                    for s in skills
+                ],
             }
-            for lo, method in enumerate(["ties", "task_arithmetic", "ties", "breadcrumbs"][: _layers(quick_zoo)])
+            for lo, method in enumerate(
+                ["ties", "task_arithmetic", "ties", "breadcrumbs"][: _layers(quick_zoo)]
+            )
         ],
     }
     recipe = Recipe.from_dict(data)
@@ -161,7 +198,14 @@ def test_per_layer_method_choice_exports_a_mergekit_multi_file_with_the_same_wei
     from click.testing import CliRunner as ClickRunner  # mergekit's commands are plain click
 
     result = ClickRunner().invoke(
-        mergekit_multi.main, [str(multi), "--intermediate-dir", str(tmp_path / "parts"), "--out-path", str(tmp_path / "theirs")]
+        mergekit_multi.main,
+        [
+            str(multi),
+            "--intermediate-dir",
+            str(tmp_path / "parts"),
+            "--out-path",
+            str(tmp_path / "theirs"),
+        ],
     )
     assert result.exit_code == 0, result.output
     a, b = load_state(ours), load_state(tmp_path / "theirs")
@@ -221,27 +265,57 @@ def test_ray_pool_larger_than_the_running_ray_is_refused_not_hung(quick_zoo, ray
 
 @pytest.mark.slow
 def test_cli_search_with_ray_workers_writes_report(quick_zoo, ray_session, tmp_path):
-    config = write_config(tmp_path, quick_zoo, workers=2, optimizer={"kind": "optuna-tpe", "seed": 1})
+    config = write_config(
+        tmp_path, quick_zoo, workers=2, optimizer={"kind": "optuna-tpe", "seed": 1}
+    )
     run_dir = tmp_path / "run"
     result = runner.invoke(app, ["search", str(config), "--out", str(run_dir)])
     assert result.exit_code == 0, result.output
     assert "held-out test tasks" in result.output and "evolved" in result.output
-    for f in ("trials.jsonl", "best.yaml", "study.db", "fitness.png", "knobs.png", "report.md", "report.json"):
+    for f in (
+        "trials.jsonl",
+        "best.yaml",
+        "study.db",
+        "fitness.png",
+        "knobs.png",
+        "report.md",
+        "report.json",
+    ):
         assert (run_dir / f).exists(), f
     # the best merge is materialized by default, as the recipe that scored best
-    assert list((run_dir / "best_model").glob("*.safetensors")) and (run_dir / "best_model" / "config.json").exists()
-    assert Recipe.load(run_dir / "best_model" / "evomerge_recipe.yaml") == Recipe.load(run_dir / "best.yaml")
+    assert (
+        list((run_dir / "best_model").glob("*.safetensors"))
+        and (run_dir / "best_model" / "config.json").exists()
+    )
+    assert Recipe.load(run_dir / "best_model" / "evomerge_recipe.yaml") == Recipe.load(
+        run_dir / "best.yaml"
+    )
     report = json.loads((run_dir / "report.json").read_text())
     names = [r["name"] for r in report["rows"]]
-    assert names[0].startswith("evolved") and "linear" in names and len(names) == 1 + 1 + len(quick_zoo.skills) + 1
-    assert "front" not in report and not (run_dir / "pareto.png").exists()  # one objective: no front section
+    assert (
+        names[0].startswith("evolved")
+        and "linear" in names
+        and len(names) == 1 + 1 + len(quick_zoo.skills) + 1
+    )
+    assert (
+        "front" not in report and not (run_dir / "pareto.png").exists()
+    )  # one objective: no front section
     workers = {t["worker"] for t in read_trials(run_dir)}
     assert len(workers) == 2
 
 
 def test_bad_search_config_exits_2(tmp_path):
     path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump({"models": ["x"], "space": {"methods": ["ties"], "knobs": {"weight": None}}, "tasks": ["t"], "optimzer": {}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "models": ["x"],
+                "space": {"methods": ["ties"], "knobs": {"weight": None}},
+                "tasks": ["t"],
+                "optimzer": {},
+            }
+        )
+    )
     result = runner.invoke(app, ["search", str(path), "--out", str(tmp_path / "run")])
     assert result.exit_code == 2 and "optimzer: unknown field" in result.output
     assert not (tmp_path / "run").exists()
@@ -261,7 +335,9 @@ def test_search_scores_the_users_own_tasks_from_task_paths(quick_zoo, tmp_path):
         "doc_to_target: label\ntarget_delimiter: ''\n"
         "metric_list: [{metric: acc, aggregation: mean, higher_is_better: true}]\n"
     )
-    config = write_config(tmp_path, quick_zoo, tasks=["my_add"], task_paths=[str(folder)], budget={"max_evals": 2})
+    config = write_config(
+        tmp_path, quick_zoo, tasks=["my_add"], task_paths=[str(folder)], budget={"max_evals": 2}
+    )
     summary = search(config, run_dir=tmp_path / "run", progress=False)
     trials = read_trials(summary.run_dir)
     assert summary.failed == 0 and all(set(t["metrics"]) == {"my_add"} for t in trials)
@@ -271,7 +347,9 @@ def test_search_scores_the_users_own_tasks_from_task_paths(quick_zoo, tmp_path):
 def test_nsga2_searches_one_objective_per_task(quick_zoo, tmp_path):
     import optuna
 
-    config = write_config(tmp_path, quick_zoo, optimizer={"kind": "optuna-nsga2", "seed": 0}, budget={"max_evals": 6})
+    config = write_config(
+        tmp_path, quick_zoo, optimizer={"kind": "optuna-nsga2", "seed": 0}, budget={"max_evals": 6}
+    )
     summary = search(config, run_dir=tmp_path / "run", progress=False)
     trials = read_trials(summary.run_dir)
     assert len(trials) == 6 and summary.failed == 0
@@ -281,7 +359,9 @@ def test_nsga2_searches_one_objective_per_task(quick_zoo, tmp_path):
         assert t["fitness"] == pytest.approx(sum(per_task) / len(per_task))
     study = optuna.load_study(study_name=None, storage=f"sqlite:///{summary.run_dir / 'study.db'}")
     assert len(study.directions) == len(quick_zoo.skills)
-    assert [tuple(tr.values) for tr in study.trials] == [pytest.approx(t["objectives"]) for t in trials]
+    assert [tuple(tr.values) for tr in study.trials] == [
+        pytest.approx(t["objectives"]) for t in trials
+    ]
 
 
 def test_search_without_a_config_runs_the_demo():
@@ -289,10 +369,15 @@ def test_search_without_a_config_runs_the_demo():
     from evomerge.search_config import load_search_config
 
     config, _ = load_search_config(demo_config_path())
-    assert config.models == ["zoo:addition", "zoo:reversal", "zoo:shift"] and config.base_model == "zoo:base"
+    assert (
+        config.models == ["zoo:addition", "zoo:reversal", "zoo:shift"]
+        and config.base_model == "zoo:base"
+    )
 
 
-def test_a_worker_that_cannot_start_fails_the_search_with_its_own_error(quick_zoo, ray_session, tmp_path):
+def test_a_worker_that_cannot_start_fails_the_search_with_its_own_error(
+    quick_zoo, ray_session, tmp_path
+):
     from evomerge.errors import EvomergeError
 
     # the up-front check reads task YAMLs only; a data file that is not there stops the workers
@@ -304,6 +389,8 @@ def test_a_worker_that_cannot_start_fails_the_search_with_its_own_error(quick_zo
         "output_type: multiple_choice\ndoc_to_text: prompt\ndoc_to_choice: choices\n"
         "doc_to_target: label\nmetric_list: [{metric: acc, aggregation: mean, higher_is_better: true}]\n"
     )
-    config = write_config(tmp_path, quick_zoo, tasks=["my_broken"], task_paths=[str(folder)], workers=2)
+    config = write_config(
+        tmp_path, quick_zoo, tasks=["my_broken"], task_paths=[str(folder)], workers=2
+    )
     with pytest.raises(EvomergeError, match="task my_broken cannot be loaded"):
         search(config, run_dir=tmp_path / "run", progress=False)

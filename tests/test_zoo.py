@@ -44,7 +44,11 @@ TASKS = REPO / "tasks"
 @pytest.fixture(scope="session")
 def quick_zoo(tmp_path_factory: pytest.TempPathFactory) -> Zoo:
     """The quick zoo, built once per session (reused from $EVOMERGE_ZOO_DIR when set)."""
-    out = Path(os.environ["EVOMERGE_ZOO_DIR"]) if os.environ.get("EVOMERGE_ZOO_DIR") else tmp_path_factory.mktemp("zoo")
+    out = (
+        Path(os.environ["EVOMERGE_ZOO_DIR"])
+        if os.environ.get("EVOMERGE_ZOO_DIR")
+        else tmp_path_factory.mktemp("zoo")
+    )
     return build_zoo(out, quick=True, progress=False)
 
 
@@ -82,7 +86,11 @@ def test_distractors_are_near_misses() -> None:
     """Each item has a distractor one character away from the answer (the answer must be exact)."""
     for skill in SKILL_NAMES:
         for item in eval_items(skill, "test", 100):
-            distances = [sum(a != b for a, b in zip(c, item.answer, strict=True)) for c in item.choices if c != item.answer]
+            distances = [
+                sum(a != b for a, b in zip(c, item.answer, strict=True))
+                for c in item.choices
+                if c != item.answer
+            ]
             assert min(distances) <= 2, (skill, item)
 
 
@@ -97,7 +105,12 @@ def test_splits_are_disjoint_and_fixed_by_the_prompt() -> None:
 
 
 def test_training_data_never_contains_dev_or_test_items() -> None:
-    held_out = {item.prompt for skill in SKILL_NAMES for split in ("dev", "test") for item in eval_items(skill, split, 150)}
+    held_out = {
+        item.prompt
+        for skill in SKILL_NAMES
+        for split in ("dev", "test")
+        for item in eval_items(skill, split, 150)
+    }
     mixture = Mixture({"text": 1, "copy": 1, "count": 1, **dict.fromkeys(SKILL_NAMES, 3)})
     stream = mixture.stream(seed=0)
     seen = [next(stream) for _ in range(20_000)]
@@ -122,7 +135,10 @@ def test_mixture_rejects_unknown_sources() -> None:
 
 def test_multiple_choice_shuffles_the_answer_position() -> None:
     rng = random.Random(0)
-    labels = Counter(multiple_choice("reversal", next(problems("reversal", "train", rng)), rng).label for _ in range(400))
+    labels = Counter(
+        multiple_choice("reversal", next(problems("reversal", "train", rng)), rng).label
+        for _ in range(400)
+    )
     assert set(labels) == {0, 1, 2, 3} and min(labels.values()) > 60
 
 
@@ -160,7 +176,9 @@ def test_committed_task_data_is_disjoint() -> None:
 # --- tokenizer and build mechanics ------------------------------------------------------------------
 
 
-def test_default_zoo_dir_honours_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_default_zoo_dir_honours_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setenv("EVOMERGE_ZOO_DIR", str(tmp_path))
     assert default_zoo_dir() == tmp_path
     monkeypatch.delenv("EVOMERGE_ZOO_DIR")
@@ -237,7 +255,9 @@ def test_quick_zoo_specialists_beat_the_base_on_their_skill(quick_zoo: Zoo) -> N
 
 
 @pytest.mark.slow
-def test_tasks_run_in_lm_eval_from_any_directory(quick_zoo: Zoo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tasks_run_in_lm_eval_from_any_directory(
+    quick_zoo: Zoo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """lm-eval finds the tasks and their data from another working directory, offline, and its
     multiple-choice accuracy equals the zoo's own probe on the same items."""
     import lm_eval
@@ -256,5 +276,7 @@ def test_tasks_run_in_lm_eval_from_any_directory(quick_zoo: Zoo, tmp_path: Path,
         limit=None,
     )["results"]
     model = AutoModelForCausalLM.from_pretrained(quick_zoo.specialists["shift"])
-    assert results["zoo_shift_dev"]["acc,none"] == pytest.approx(mc_accuracy(model, eval_items("shift", "dev", 150)))
+    assert results["zoo_shift_dev"]["acc,none"] == pytest.approx(
+        mc_accuracy(model, eval_items("shift", "dev", 150))
+    )
     assert 0.0 <= results["zoo_addition_test_gen"]["exact_match,none"] <= 1.0

@@ -20,13 +20,25 @@ VOCAB = 48
 def tiny_config(arch: str, *, layers: int = 4, vocab: int = VOCAB):
     if arch == "llama":
         return LlamaConfig(
-            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
         )
     if arch == "qwen2":
         return Qwen2Config(
-            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=True,
         )
     if arch == "gpt2":
         return GPT2Config(vocab_size=vocab, n_embd=32, n_layer=layers, n_head=4, n_positions=64)
@@ -36,17 +48,34 @@ def tiny_config(arch: str, *, layers: int = 4, vocab: int = VOCAB):
 def save_tokenizer(out: Path, vocab: int = VOCAB) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    chars = [chr(ord("a") + i) for i in range(26)] + [str(i) for i in range(10)] + [" ", "+", "=", "."]
+    chars = (
+        [chr(ord("a") + i) for i in range(26)] + [str(i) for i in range(10)] + [" ", "+", "=", "."]
+    )
     specials = ["<pad>", "<s>", "</s>", "<unk>"]
     tokens = specials + chars
     assert len(tokens) <= vocab
     tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
     fast.save_pretrained(out)
 
 
-def make_family(root: Path, arch: str = "llama", *, names=("base", "a", "b"), noise: float = 0.02, seed: int = 0, layers: int = 4, vocab: int = VOCAB) -> dict[str, Path]:
+def make_family(
+    root: Path,
+    arch: str = "llama",
+    *,
+    names=("base", "a", "b"),
+    noise: float = 0.02,
+    seed: int = 0,
+    layers: int = 4,
+    vocab: int = VOCAB,
+) -> dict[str, Path]:
     """A random base model and variants = base + small random deltas, saved as safetensors dirs."""
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_config(tiny_config(arch, layers=layers, vocab=vocab))
@@ -55,7 +84,10 @@ def make_family(root: Path, arch: str = "llama", *, names=("base", "a", "b"), no
     for i, name in enumerate(names):
         model = AutoModelForCausalLM.from_config(tiny_config(arch, layers=layers, vocab=vocab))
         g = torch.Generator().manual_seed(seed * 100 + i)
-        state = {k: v + (noise * torch.randn(v.shape, generator=g) if i else 0) for k, v in base_state.items()}
+        state = {
+            k: v + (noise * torch.randn(v.shape, generator=g) if i else 0)
+            for k, v in base_state.items()
+        }
         model.load_state_dict(state)
         out = root / f"{arch}-{name}"
         model.save_pretrained(out, safe_serialization=True)
@@ -68,7 +100,11 @@ def load_state(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     index = path / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        if index.exists()
+        else ["model.safetensors"]
+    )
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(path / f))

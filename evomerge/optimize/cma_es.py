@@ -232,7 +232,10 @@ class CmaOptimizer:
             opt._es_before_ask, opt._injected = state["es_before_ask"], state["injected"]
             opt._es = pickle.loads(opt._es_before_ask)
             opt._solutions = _sample(opt._es, opt._injected)
-            if not all(np.array_equal(a, b) for a, b in zip(opt._solutions, state["solutions"], strict=True)):
+            if not all(
+                np.array_equal(a, b)
+                for a, b in zip(opt._solutions, state["solutions"], strict=True)
+            ):
                 raise OptimizerError(f"{path}: replaying the saved generation gave other points")
         else:
             opt._es = state["es"]
@@ -247,7 +250,9 @@ class CmaOptimizer:
             self.save(self._state_path)
 
 
-def _sample(es: cma.CMAEvolutionStrategy, injected: Sequence[tuple[float, ...]]) -> list[np.ndarray]:
+def _sample(
+    es: cma.CMAEvolutionStrategy, injected: Sequence[tuple[float, ...]]
+) -> list[np.ndarray]:
     """One generation's solutions: the injected points first, then sampled ones."""
     # pycma injects genotypes; the inverse bound transform makes the sampled
     # phenotype land exactly on the enqueued point, boundary points included.

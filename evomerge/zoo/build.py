@@ -72,22 +72,38 @@ class ZooDesign:
     # letter shifting need to be learned, so its fine-tune runs longer by this factor.
     finetune_steps_factor: dict[str, float] = field(default_factory=dict)
     skills: tuple[str, ...] = SKILL_NAMES
-    seed_offset: dict[str, int] = field(default_factory=lambda: {s: i + 1 for i, s in enumerate(SKILL_NAMES)})
+    seed_offset: dict[str, int] = field(
+        default_factory=lambda: {s: i + 1 for i, s in enumerate(SKILL_NAMES)}
+    )
 
     def finetune_mixture(self, skill: str) -> Mixture:
         generic = [name for name in self.pretrain_mixture.weights if name not in self.skills]
-        return Mixture({skill: 1 - self.finetune_replay, **dict.fromkeys(generic, self.finetune_replay / len(generic))})
+        return Mixture(
+            {
+                skill: 1 - self.finetune_replay,
+                **dict.fromkeys(generic, self.finetune_replay / len(generic)),
+            }
+        )
 
     def finetune_config(self, skill: str) -> TrainConfig:
         steps = round(self.finetune.steps * self.finetune_steps_factor.get(skill, 1.0))
-        return TrainConfig(**{**self.finetune.__dict__, "steps": steps, "seed": self.finetune.seed + self.seed_offset[skill]})
+        return TrainConfig(
+            **{
+                **self.finetune.__dict__,
+                "steps": steps,
+                "seed": self.finetune.seed + self.seed_offset[skill],
+            }
+        )
 
     def to_json(self) -> dict[str, object]:
         return {
             "shape": self.shape.to_json(),
             "pretrain": {"mixture": self.pretrain_mixture.to_json(), **self.pretrain.to_json()},
             "finetune": {
-                skill: {"mixture": self.finetune_mixture(skill).to_json(), **self.finetune_config(skill).to_json()}
+                skill: {
+                    "mixture": self.finetune_mixture(skill).to_json(),
+                    **self.finetune_config(skill).to_json(),
+                }
                 for skill in self.skills
             },
         }
@@ -98,7 +114,14 @@ FULL_DESIGN = ZooDesign(
     # A trace of each skill (0.5% of examples each) in pre-training gives the base the formats and
     # the beginnings of every skill's circuits, so the specialists' task vectors stay small and
     # compatible enough to merge; the base alone still fails every skill (see the zoo table).
-    pretrain_mixture=Mixture({"text": 0.985 / 3, "copy": 0.985 / 3, "count": 0.985 / 3, **dict.fromkeys(SKILL_NAMES, 0.005)}),
+    pretrain_mixture=Mixture(
+        {
+            "text": 0.985 / 3,
+            "copy": 0.985 / 3,
+            "count": 0.985 / 3,
+            **dict.fromkeys(SKILL_NAMES, 0.005),
+        }
+    ),
     pretrain=TrainConfig(steps=1200, lr=2e-3, batch_size=64, warmup_steps=50, seed=0),
     finetune=TrainConfig(steps=300, lr=1e-3, batch_size=64, warmup_steps=20, seed=0),
     finetune_replay=0.25,
@@ -127,7 +150,9 @@ def zoo_root(out_dir: Path | None = None, *, quick: bool = False) -> Path:
 
 
 def _zoo_at(root: Path, skills: tuple[str, ...]) -> Zoo:
-    return Zoo(root=root, base=root / "base", specialists={s: root / s for s in skills}, skills=skills)
+    return Zoo(
+        root=root, base=root / "base", specialists={s: root / s for s in skills}, skills=skills
+    )
 
 
 def load_zoo(out_dir: Path | None = None, *, quick: bool = False) -> Zoo | None:
@@ -153,7 +178,9 @@ def finished_zoo(root: Path, design: ZooDesign) -> Zoo | None:
         manifest = json.loads((root / MANIFEST).read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    if manifest.get("format_version") != FORMAT_VERSION or manifest.get("design") != _jsonable(design.to_json()):
+    if manifest.get("format_version") != FORMAT_VERSION or manifest.get("design") != _jsonable(
+        design.to_json()
+    ):
         return None
     zoo = _zoo_at(root, tuple(manifest["skills"]))
     if not all((path / "model.safetensors").is_file() for path in zoo.models.values()):
@@ -161,7 +188,14 @@ def finished_zoo(root: Path, design: ZooDesign) -> Zoo | None:
     return zoo
 
 
-def build(root: Path, design: ZooDesign, *, kind: str = "custom", force: bool = False, progress: bool = True) -> Zoo:
+def build(
+    root: Path,
+    design: ZooDesign,
+    *,
+    kind: str = "custom",
+    force: bool = False,
+    progress: bool = True,
+) -> Zoo:
     """Train and save a zoo of `design` under `root`, unless a finished one is already there."""
     if not force and (existing := finished_zoo(root, design)) is not None:
         return existing
@@ -179,7 +213,13 @@ def build(root: Path, design: ZooDesign, *, kind: str = "custom", force: bool = 
         for skill in design.skills:
             specialist = new_model(design.shape, seed=design.pretrain.seed)
             specialist.load_state_dict(base_state)
-            _train_with_bar(bar, f"{skill}: fine-tuning", specialist, design.finetune_mixture(skill), design.finetune_config(skill))
+            _train_with_bar(
+                bar,
+                f"{skill}: fine-tuning",
+                specialist,
+                design.finetune_mixture(skill),
+                design.finetune_config(skill),
+            )
             _save_model(specialist, zoo.specialists[skill])
     build_seconds = time.time() - started
     accuracy = _measure(zoo)
@@ -249,7 +289,9 @@ def _measure(zoo: Zoo) -> dict[str, dict[str, float]]:
     accuracy = {}
     for name, path in zoo.models.items():
         model = AutoModelForCausalLM.from_pretrained(path)
-        accuracy[name] = {skill: round(acc, 4) for skill, acc in skill_accuracies(model, items).items()}
+        accuracy[name] = {
+            skill: round(acc, 4) for skill, acc in skill_accuracies(model, items).items()
+        }
     return accuracy
 
 
@@ -260,12 +302,20 @@ def _progress(enabled: bool) -> Iterator[object | None]:
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    columns = (TextColumn("{task.description:24s}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"), TimeElapsedColumn())
+    columns = (
+        TextColumn("{task.description:24s}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[loss]}"),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, transient=False) as bar:
         yield bar
 
 
-def _train_with_bar(bar: object | None, label: str, model: PreTrainedModel, mixture: Mixture, config: TrainConfig) -> None:
+def _train_with_bar(
+    bar: object | None, label: str, model: PreTrainedModel, mixture: Mixture, config: TrainConfig
+) -> None:
     if bar is None:
         train(model, mixture, config)
         return
@@ -282,7 +332,9 @@ def _print_accuracy(accuracy: dict[str, dict[str, float]], seconds: float) -> No
     from rich.table import Table
 
     skills = list(next(iter(accuracy.values())))
-    table = Table(title=f"zoo built in {seconds:.0f}s; multiple-choice accuracy on the dev split (4 choices)")
+    table = Table(
+        title=f"zoo built in {seconds:.0f}s; multiple-choice accuracy on the dev split (4 choices)"
+    )
     table.add_column("model")
     for skill in skills:
         table.add_column(skill, justify="right")

@@ -127,7 +127,11 @@ def _reversal_mistakes(problem: Problem, rng: random.Random) -> list[str]:
     ]
     rng.shuffle(partial)
     # one letter off: always distinct from the answer, so even `rev bbb=` gets three distractors
-    substituted = [answer[:i] + shift_letters(answer[i], by) + answer[i + 1 :] for i in range(n) for by in (1, -1)]
+    substituted = [
+        answer[:i] + shift_letters(answer[i], by) + answer[i + 1 :]
+        for i in range(n)
+        for by in (1, -1)
+    ]
     rng.shuffle(substituted)
     return [*adjacent_swaps[:1], word, *partial, *adjacent_swaps[1:], *substituted]
 
