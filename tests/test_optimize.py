@@ -446,3 +446,25 @@ def test_cma_sampling_ignores_numpy_global_rng() -> None:
         return xs
 
     assert points(reseed=True) == points(reseed=False)
+
+
+@pytest.mark.parametrize("kind", ["random", "optuna-tpe"])
+def test_optuna_resume_after_a_kill_inside_ask_completes_that_ask(
+    kind: str, tmp_path: Path
+) -> None:
+    """study.ask creates the trial, then sets its params one by one: a kill in between leaves a
+    RUNNING trial with none or some of them, which the resumed run completes as that ask would have."""
+    options = {**FAST_OPTIONS[kind], **({"n_startup_trials": 4} if kind == "optuna-tpe" else {})}
+    uninterrupted = make_optimizer(kind, DIM, seed=3, run_dir=None, **options)
+    run_batches(uninterrupted, 10, 1, one_objective)
+    expected = [t for t in uninterrupted.study.get_trials() if t.number == 9][0]
+
+    crashed = make_optimizer(kind, DIM, seed=3, run_dir=tmp_path, **options)
+    run_batches(crashed, 9, 1, one_objective)
+    crashed.study._storage.create_new_trial(
+        crashed.study._study_id
+    )  # killed before any param was set
+    del crashed
+    resumed = load_optimizer(kind, DIM, seed=3, run_dir=tmp_path, **options)
+    (lost,) = resumed.unfinished()
+    assert lost.id == 9 and lost.x == tuple(expected.params[f"x{i}"] for i in range(DIM))

@@ -57,6 +57,9 @@ def _search(config: Path, run_dir: Path, *extra: str, env: dict[str, str]) -> su
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        # A shell that runs the tests in the background ignores SIGINT, and its children inherit
+        # that: the search must see Ctrl-C as a terminal delivers it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 

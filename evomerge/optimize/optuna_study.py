@@ -116,7 +116,9 @@ class OptunaOptimizer:
         self._options = dict(options)
         self._distributions = {f"x{i}": FloatDistribution(0.0, 1.0) for i in range(dim)}
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        self._pending: dict[int, Candidate] = {t.number: self._candidate(t) for t in running}
+        self._pending: dict[int, Candidate] = {
+            t.number: self._candidate(self._finish_ask(t)) for t in running
+        }
 
     # -- construction -------------------------------------------------------------------
 
@@ -262,6 +264,17 @@ class OptunaOptimizer:
             storage.engine.dispose()
             tmp.unlink(missing_ok=True)
             raise
+
+    def _finish_ask(self, frozen: FrozenTrial) -> FrozenTrial:
+        """A trial the driver was killed while asking (in the study, without all its params) gets
+        them now, from the sampler as it was at that ask: the resumed run asks what it would have."""
+        if len(frozen.params) == self.dim:
+            return frozen
+        self.study.sampler = _sampler(self.name, self._seed, frozen.number, self._options)
+        trial = optuna.trial.Trial(self.study, frozen._trial_id)
+        for name, distribution in self._distributions.items():
+            trial.suggest_float(name, distribution.low, distribution.high)
+        return self.study._storage.get_trial(frozen._trial_id)
 
     def _candidate(self, trial: FrozenTrial) -> Candidate:
         return Candidate(trial.number, tuple(float(trial.params[f"x{i}"]) for i in range(self.dim)))
