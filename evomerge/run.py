@@ -429,6 +429,12 @@ class _Loop:
         )
 
     def summary(self, interrupted: bool) -> RunSummary:
+        if (
+            interrupted
+        ):  # Ctrl-C may land between logging a trial and recording it here: the log is the truth
+            self.done.update({r["id"]: r for r in self.log.read()})
+            self.front = trial_front(self.done.values())
+            self.best = select(self.front, self.config.optimizer.select)
         failed = sum(1 for r in self.done.values() if r["status"] != "ok")
         return RunSummary(
             self.run_dir,
