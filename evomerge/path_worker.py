@@ -9,13 +9,12 @@ default merges), which goes to the ordinary merge-and-load evaluation. A model g
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from evomerge.workers import CandidateEvaluator, Job, TrialResult, WorkerSetup, _one_line
+from evomerge.workers import CandidateEvaluator, Job, TrialResult, WorkerSetup, run_trial
 
 
 class PathEvaluator:
@@ -51,46 +50,17 @@ class PathEvaluator:
         from evomerge.path_model import is_path_recipe
         from evomerge.recipe import Recipe
 
-        t0 = time.perf_counter()
-        build_seconds = 0.0
         try:
             recipe = Recipe.from_dict(job.recipe)
-            if not is_path_recipe(recipe):
-                return self.merger.evaluate(job)
-            self.path.build(recipe)
-            build_seconds = time.perf_counter() - t0
-            score = self.merger.scorer.score(self.path.shell, self.merger.tokenizer)
-        except Exception as e:  # a failed candidate must not stop the search
-            return TrialResult(
-                job.candidate_id,
-                "failed",
-                None,
-                error=_one_line(e),
-                merge_seconds=build_seconds,
-                score_seconds=time.perf_counter() - t0 - build_seconds,
-                worker=self.name,
-            )
-        if not math.isfinite(score.fitness):
-            return TrialResult(
-                job.candidate_id,
-                "failed",
-                None,
-                score.metrics,
-                "fitness is not finite",
-                build_seconds,
-                score.seconds,
-                self.name,
-            )
-        return TrialResult(
-            job.candidate_id,
-            "ok",
-            score.fitness,
-            score.metrics,
-            None,
-            build_seconds,
-            score.seconds,
+        except Exception:
+            return self.merger.evaluate(job)  # which reports the recipe's error as the trial's
+        if not is_path_recipe(recipe):
+            return self.merger.evaluate(job)
+        return run_trial(
+            job,
             self.name,
-            score.objectives,
+            lambda: self.path.build(recipe),
+            lambda: self.merger.scorer.score(self.path.shell, self.merger.tokenizer),
         )
 
     def score_model_dir(self, path: str) -> TrialResult:

@@ -17,13 +17,12 @@ merging, unless `engine_args` set `gpu_memory_utilization`.
 
 from __future__ import annotations
 
-import math
 import os
 import socket
 import time
 from typing import Any
 
-from evomerge.workers import Job, TrialResult, WorkerSetup, _one_line
+from evomerge.workers import Job, TrialResult, WorkerSetup, run_trial
 
 
 class VLLMCandidateEvaluator:
@@ -67,48 +66,14 @@ class VLLMCandidateEvaluator:
         from evomerge.merge import merge_stream
         from evomerge.recipe import Recipe
 
-        t0 = time.perf_counter()
-        merge_seconds = 0.0
-        try:
+        def materialize() -> None:
             recipe = Recipe.from_dict(job.recipe)
             names, tensors = merge_stream(
                 recipe, self.sources, device=self.device, seed=self.setup.seed
             )
             self.engine.load_weights(tensors, names)
-            merge_seconds = time.perf_counter() - t0
-            score = self.scorer.score(self.engine)
-        except Exception as e:  # a failed candidate must not stop the search
-            return TrialResult(
-                job.candidate_id,
-                "failed",
-                None,
-                error=_one_line(e),
-                merge_seconds=merge_seconds,
-                score_seconds=time.perf_counter() - t0 - merge_seconds,
-                worker=self.name,
-            )
-        if not math.isfinite(score.fitness):
-            return TrialResult(
-                job.candidate_id,
-                "failed",
-                None,
-                score.metrics,
-                "fitness is not finite",
-                merge_seconds,
-                score.seconds,
-                self.name,
-            )
-        return TrialResult(
-            job.candidate_id,
-            "ok",
-            score.fitness,
-            score.metrics,
-            None,
-            merge_seconds,
-            score.seconds,
-            self.name,
-            score.objectives,
-        )
+
+        return run_trial(job, self.name, materialize, lambda: self.scorer.score(self.engine))
 
     def score_model_dir(self, path: str) -> TrialResult:
         """Score weights read from a model directory (the report's source models)."""

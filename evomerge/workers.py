@@ -12,7 +12,7 @@ import os
 import socket
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -74,6 +74,54 @@ class TrialResult:
     objectives: tuple[float, ...] = ()  # per fitness task (see Scorer.objectives)
 
 
+def run_trial(
+    job: Job, worker: str, materialize: Callable[[], None], score: Callable[[], Any]
+) -> TrialResult:
+    """One candidate in any worker: put its weights in place, score them, time both steps.
+
+    A candidate that raises, or whose fitness is not finite, is a failed trial: it must not stop
+    the search.
+    """
+    t0 = time.perf_counter()
+    merge_seconds = 0.0
+    try:
+        materialize()
+        merge_seconds = time.perf_counter() - t0
+        result = score()
+    except Exception as e:
+        return TrialResult(
+            job.candidate_id,
+            "failed",
+            None,
+            error=_one_line(e),
+            merge_seconds=merge_seconds,
+            score_seconds=time.perf_counter() - t0 - merge_seconds,
+            worker=worker,
+        )
+    if not math.isfinite(result.fitness):
+        return TrialResult(
+            job.candidate_id,
+            "failed",
+            None,
+            result.metrics,
+            "fitness is not finite",
+            merge_seconds,
+            result.seconds,
+            worker,
+        )
+    return TrialResult(
+        job.candidate_id,
+        "ok",
+        result.fitness,
+        result.metrics,
+        None,
+        merge_seconds,
+        result.seconds,
+        worker,
+        result.objectives,
+    )
+
+
 class CandidateEvaluator:
     """Holds the input models on its device and a live model whose weights each candidate replaces.
 
@@ -129,48 +177,13 @@ class CandidateEvaluator:
         from evomerge.merge import merge_to_state_dict
         from evomerge.recipe import Recipe
 
-        t0 = time.perf_counter()
-        merge_seconds = 0.0
-        try:
+        def materialize() -> None:
             recipe = Recipe.from_dict(job.recipe)
-            state = merge_to_state_dict(
-                recipe, self.sources, device=self.device, seed=self.setup.seed
+            self.load_weights(
+                merge_to_state_dict(recipe, self.sources, device=self.device, seed=self.setup.seed)
             )
-            self.load_weights(state)
-            merge_seconds = time.perf_counter() - t0
-            score = self._score_live()
-        except Exception as e:  # a failed candidate must not stop the search
-            return TrialResult(
-                job.candidate_id,
-                "failed",
-                None,
-                error=_one_line(e),
-                merge_seconds=merge_seconds,
-                score_seconds=time.perf_counter() - t0 - merge_seconds,
-                worker=self.name,
-            )
-        if not math.isfinite(score.fitness):
-            return TrialResult(
-                job.candidate_id,
-                "failed",
-                None,
-                score.metrics,
-                "fitness is not finite",
-                merge_seconds,
-                score.seconds,
-                self.name,
-            )
-        return TrialResult(
-            job.candidate_id,
-            "ok",
-            score.fitness,
-            score.metrics,
-            None,
-            merge_seconds,
-            score.seconds,
-            self.name,
-            score.objectives,
-        )
+
+        return run_trial(job, self.name, materialize, self._score_live)
 
     def load_weights(self, state: Mapping[str, Any], *, source: str = "the merge") -> None:
         """Copy every tensor of the live model from `state`, in place (tied weights come along).
