@@ -29,7 +29,7 @@ from typing import Any
 from evomerge.errors import ConfigError
 from evomerge.recipe import Recipe, evaluate_setting
 from evomerge.search_config import DfsConfig
-from evomerge.space import Knob
+from evomerge.space import Knob, describe_knobs
 
 # Pre-norm decoders whose blocks end in `o_proj` / `down_proj` and whose stack ends in an RMSNorm:
 # the architectures the folding rule is known to hold for.
@@ -302,19 +302,7 @@ class DfsSpace:
         return steps
 
     def describe(self) -> list[dict[str, Any]]:
-        return [
-            {
-                "label": k.label,
-                "param": k.param,
-                "group": k.group,
-                "model": k.model,
-                "filter": k.filter,
-                "low": k.low,
-                "high": k.high,
-                "log": k.log,
-            }
-            for k in self.knobs
-        ]
+        return describe_knobs(self.knobs)
 
 
 def scale_setting(factor: float) -> list[dict[str, Any]]:

@@ -23,7 +23,7 @@ from typing import Any
 from evomerge.errors import ConfigError
 from evomerge.recipe import Recipe
 from evomerge.search_config import SpaceConfig
-from evomerge.space import Knob
+from evomerge.space import Knob, describe_knobs
 
 METHOD_PARAMS = {  # mergekit/evo/genome.py METHOD_PARAM_MAPS
     "linear": ("weight",),
@@ -305,15 +305,4 @@ class GenomeSpace:
         )
 
     def describe(self) -> list[dict[str, Any]]:
-        return [
-            {
-                "label": k.label,
-                "param": k.param,
-                "group": k.group,
-                "model": k.model,
-                "filter": k.filter,
-                "low": k.low,
-                "high": k.high,
-            }
-            for k in self.knobs
-        ]
+        return describe_knobs(self.knobs)

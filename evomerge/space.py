@@ -72,6 +72,23 @@ class Knob:
         return (v - self.low) / (self.high - self.low)
 
 
+def describe_knobs(knobs: Sequence[Any]) -> list[dict[str, Any]]:
+    """The knobs in vector order, as `space.json` records them (what the report's plots read)."""
+    return [
+        {
+            "label": k.label,
+            "param": k.param,
+            "group": k.group,
+            "model": k.model,
+            "filter": k.filter,
+            "low": k.low,
+            "high": k.high,
+            "log": getattr(k, "log", False),
+        }
+        for k in knobs
+    ]
+
+
 class SearchSpace:
     def __init__(
         self,
@@ -315,18 +332,7 @@ class SearchSpace:
         return self.groups[group][0]
 
     def describe(self) -> list[dict[str, Any]]:
-        return [
-            {
-                "label": k.label,
-                "param": k.param,
-                "group": k.group,
-                "model": k.model,
-                "filter": k.filter,
-                "low": k.low,
-                "high": k.high,
-            }
-            for k in self.knobs
-        ]
+        return describe_knobs(self.knobs)
 
 
 def _has_param(method: MethodSpec, name: str) -> bool:
