@@ -50,25 +50,23 @@ class TensorSource(Protocol):
     ) -> torch.Tensor: ...
 
 
-class LoadedModel:
-    """Every tensor of one model, loaded once onto a device (the search's input models)."""
+class InMemoryModel:
+    """Every tensor of a model held in a dict, read like a model on disk (a `TensorSource`)."""
+
+    kind = "model"  # how a missing tensor's error names it
 
     def __init__(
         self,
-        reader: ModelReader,
+        tensors: dict[str, torch.Tensor],
         *,
-        dtype: torch.dtype | None = None,
-        device: str | torch.device = "cpu",
-        pin_memory: bool = False,
+        path: Any,
+        config: dict[str, Any],
+        num_layers: int,
     ):
-        """`pin_memory`: page-locked host memory (device "cpu"), for fast copies to a GPU per merge."""
-        self.path = reader.path
-        self._config = reader.config
-        self._num_layers = reader.num_layers
-        self.tensors = {name: reader.get(name, dtype=dtype, device=device) for name in reader.names}
-        if pin_memory:
-            self.tensors = {name: t.pin_memory() for name, t in self.tensors.items()}
-        self.device = torch.device(device)
+        self.tensors = tensors
+        self.path = path
+        self._config = config
+        self._num_layers = num_layers
 
     @property
     def names(self) -> Sequence[str]:
@@ -91,10 +89,32 @@ class LoadedModel:
     def get(
         self, name: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None
     ) -> torch.Tensor:
+        """The tensor as `dtype` on `device` (each default: the tensor's own)."""
         if name not in self.tensors:
-            raise CheckpointError(f"tensor {name} not found in model {self.path}")
+            raise CheckpointError(f"tensor {name} not found in {self.kind} {self.path}")
         t = self.tensors[name]
         return t.to(device=device or t.device, dtype=dtype or t.dtype, non_blocking=t.is_pinned())
+
+
+class LoadedModel(InMemoryModel):
+    """Every tensor of one model, loaded once onto a device (the search's input models)."""
+
+    def __init__(
+        self,
+        reader: ModelReader,
+        *,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+        pin_memory: bool = False,
+    ):
+        """`pin_memory`: page-locked host memory (device "cpu"), for fast copies to a GPU per merge."""
+        tensors = {name: reader.get(name, dtype=dtype, device=device) for name in reader.names}
+        if pin_memory:
+            tensors = {name: t.pin_memory() for name, t in tensors.items()}
+        super().__init__(
+            tensors, path=reader.path, config=reader.config, num_layers=reader.num_layers
+        )
+        self.device = torch.device(device)
 
 
 @dataclass(frozen=True)
@@ -259,39 +279,19 @@ def _open_source(name: str, allow_pickle: bool) -> TensorSource:
     )
 
 
-class MaterializedModel:
-    """A recipe's merge held in memory, readable like a model on disk (config and tokenizer from its reference)."""
+class MaterializedModel(InMemoryModel):
+    """A recipe's merge held in memory (on the CPU, where `execute` puts it), readable like a model
+    on disk (config and tokenizer from its reference)."""
+
+    kind = "the merge of"
 
     def __init__(self, plan: MergePlan, tensors: dict[str, torch.Tensor], reference: TensorSource):
-        self.tensors = tensors
-        self.path = getattr(reference, "path", None)
-        self._config = output_config(plan, reference.config)
-        self._num_layers = plan.num_layers
-
-    @property
-    def names(self) -> Sequence[str]:
-        return list(self.tensors)
-
-    @property
-    def config(self) -> dict[str, Any]:
-        return self._config
-
-    @property
-    def num_layers(self) -> int:
-        return self._num_layers
-
-    def has(self, name: str) -> bool:
-        return name in self.tensors
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.tensors[name].shape)
-
-    def get(
-        self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
-    ) -> torch.Tensor:
-        if name not in self.tensors:
-            raise CheckpointError(f"tensor {name} not found in the merge of {self.path}")
-        return self.tensors[name].to(device=device, dtype=dtype or self.tensors[name].dtype)
+        super().__init__(
+            tensors,
+            path=getattr(reference, "path", None),
+            config=output_config(plan, reference.config),
+            num_layers=plan.num_layers,
+        )
 
 
 def merge_to_disk(
