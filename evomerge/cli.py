@@ -13,10 +13,10 @@ from rich.console import Console
 
 from evomerge.errors import EvomergeError
 from evomerge.pareto import RULE_DESCRIPTIONS, RULES
+from evomerge.run_dir import BEST_MODEL_DIR, CONFIG_FILE, PARETO_DIR, REPORT_FILE
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Evolve LLM merge recipes.")
 err_console = Console(stderr=True)
-BEST_MODEL_DIR = "best_model"
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -180,7 +180,7 @@ def search(
             from evomerge.report import make_report
 
             make_report(summary.run_dir, device=device, console=console)
-            console.print(f"report: {summary.run_dir / 'report.md'}")
+            console.print(f"report: {summary.run_dir / REPORT_FILE}")
     except KeyboardInterrupt:
         console.print(
             f"interrupted after the search, while writing the best model or the report: "
@@ -237,7 +237,7 @@ def export(
             raise EvomergeError(
                 "--pareto exports every front member; it takes no --trial or --select"
             )
-        files = export_front(run_dir, out or run_dir / "pareto", mergekit=mergekit)
+        files = export_front(run_dir, out or run_dir / PARETO_DIR, mergekit=mergekit)
         Console(stderr=True).print(
             f"wrote {len(files)} front members to {files[0].parent}: {', '.join(f.name for f in files)}"
         )
@@ -278,7 +278,7 @@ def report(
 
     _check_rule(select)
     make_report(run_dir, device=device, select=select, front_test=front_test)
-    Console().print(f"report: {run_dir / 'report.md'}")
+    Console().print(f"report: {run_dir / REPORT_FILE}")
 
 
 def _check_rule(rule: str | None) -> None:
@@ -414,7 +414,7 @@ def migrate(
     if out is None:
         sys.stdout.write(text)
     else:
-        from evomerge.run import atomic_write_text
+        from evomerge.atomic import atomic_write_text
 
         atomic_write_text(out, text)
         Console(stderr=True).print(f"wrote {out}: run it with [bold]evomerge search {out}[/]")
@@ -454,7 +454,7 @@ def _materialize(
     from evomerge.search_config import parse_search_config
 
     recipe, _ = trial_recipe(run_dir, trial)
-    seed = parse_search_config(yaml.safe_load((run_dir / "config.yaml").read_text())).seed
+    seed = parse_search_config(yaml.safe_load((run_dir / CONFIG_FILE).read_text())).seed
     merge_to_disk(
         recipe, out, device=_device(device), seed=seed, progress=False, overwrite=overwrite
     )

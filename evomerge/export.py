@@ -23,13 +23,13 @@ import yaml
 from evomerge import pareto
 from evomerge.errors import EvomergeError
 from evomerge.recipe import Recipe
-from evomerge.run import CONFIG_FILE, read_trials
+from evomerge.run_dir import CONFIG_FILE, TrialRecord, read_trials
 from evomerge.search_config import parse_search_config
 
 
 def trial_recipe(
     run_dir: Path, trial: int | None = None, *, select: str | None = None
-) -> tuple[Recipe, dict[str, Any]]:
+) -> tuple[Recipe, TrialRecord]:
     """The recipe of trial `trial` (default: the best by `select`, else the run's
     `optimizer.select` rule), exactly as it was scored."""
     trials = read_trials(run_dir)
@@ -40,15 +40,15 @@ def trial_recipe(
         if record is None:
             raise EvomergeError(f"{run_dir}: every trial failed; nothing to export")
     else:
-        matches = [t for t in trials if t["id"] == trial]
+        matches = [t for t in trials if t.id == trial]
         if not matches:
             raise EvomergeError(
-                f"{run_dir}: no trial {trial} (trials: {trials[0]['id']}..{trials[-1]['id']})"
+                f"{run_dir}: no trial {trial} (trials: {trials[0].id}..{trials[-1].id})"
             )
         record = matches[0]
-    if record.get("recipe") is None:
-        raise EvomergeError(f"{run_dir}: trial {record['id']} has no recipe")
-    return Recipe.from_dict(record["recipe"], origin=f"trial {record['id']}"), dict(record)
+    if record.recipe is None:
+        raise EvomergeError(f"{run_dir}: trial {record.id} has no recipe")
+    return record.to_recipe(), record
 
 
 def run_select_rule(run_dir: Path) -> str:
@@ -63,10 +63,10 @@ def trial_file_name(trial_id: int) -> str:
     return f"trial-{trial_id:04d}.yaml"
 
 
-def export_header(record: dict[str, Any]) -> str:
-    line = f"# evomerge trial #{record['id']}, dev fitness {record['fitness']}"
-    if len(record.get("objectives") or ()) > 1:
-        line += ", dev objectives " + " / ".join(f"{v:.4f}" for v in record["objectives"])
+def export_header(record: TrialRecord) -> str:
+    line = f"# evomerge trial #{record.id}, dev fitness {record.fitness}"
+    if len(record.objectives) > 1:
+        line += ", dev objectives " + " / ".join(f"{v:.4f}" for v in record.objectives)
     return line + "\n"
 
 
@@ -94,16 +94,16 @@ def export_front(run_dir: Path, out_dir: Path, *, mergekit: bool = False) -> lis
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
     try:
         for record in front:
-            recipe = Recipe.from_dict(record["recipe"], origin=f"trial {record['id']}")
+            recipe = record.to_recipe()
             text = dump_documents(to_mergekit_documents(recipe)) if mergekit else recipe.to_yaml()
-            (tmp / trial_file_name(record["id"])).write_text(export_header(record) + text)
+            (tmp / trial_file_name(record.id)).write_text(export_header(record) + text)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return [out_dir / trial_file_name(t["id"]) for t in front]
+    return [out_dir / trial_file_name(t.id) for t in front]
 
 
 _FRONT_FILE = re.compile(r"trial-\d{4,}\.yaml")

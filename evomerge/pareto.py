@@ -1,7 +1,7 @@
 """The Pareto front of a search's trials, and the rules that pick one member of it.
 
-A trial's objectives are its per-task dev metrics as the optimizer saw them (`trials.jsonl`
-`objectives`: lower-is-better metrics already negated, so higher is better). A trial is on the
+A trial's objectives are its per-task dev metrics as the optimizer saw them (`TrialRecord.objectives`
+in `trials.jsonl`: lower-is-better metrics already negated, so higher is better). A trial is on the
 front when no other trial is at least as good on every objective and better on one; two trials
 with equal objectives are both on it (as in Optuna's `study.best_trials`).
 
@@ -21,8 +21,11 @@ Ties go to the higher fitness, then to the earlier trial.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from evomerge.run_dir import TrialRecord
 
 Direction = Literal["maximize", "minimize"]
 SelectRule = Literal["weighted-mean", "maximin", "closest-to-ideal"]
@@ -99,34 +102,32 @@ def _signs(directions: Sequence[Direction] | None, n: int) -> list[float]:
 
 # ---- trials ----------------------------------------------------------------------------
 
-Trial = Mapping[str, Any]  # a trials.jsonl record: id, fitness, objectives, ...
 
-
-def objectives(trial: Trial) -> tuple[float, ...] | None:
+def objectives(trial: TrialRecord) -> tuple[float, ...] | None:
     """A scored trial's objectives (higher is better); a trial logged without them: its fitness."""
-    if trial.get("fitness") is None:
+    if trial.fitness is None:
         return None
-    return tuple(trial.get("objectives") or (trial["fitness"],))
+    return tuple(trial.objectives or (trial.fitness,))
 
 
-def trial_front(trials: Iterable[Trial]) -> list[Trial]:
+def trial_front(trials: Iterable[TrialRecord]) -> list[TrialRecord]:
     """The non-dominated scored trials, in id order (failed trials are never on the front)."""
-    scored = sorted((t for t in trials if t.get("fitness") is not None), key=lambda t: t["id"])
+    scored = sorted((t for t in trials if t.fitness is not None), key=lambda t: t.id)
     keep = non_dominated([objectives(t) for t in scored])  # type: ignore[misc]
     return [scored[i] for i in keep]
 
 
-def updated_front(front: Sequence[Trial], trial: Trial) -> list[Trial]:
+def updated_front(front: Sequence[TrialRecord], trial: TrialRecord) -> list[TrialRecord]:
     """`front` after `trial` finished (a failed trial changes nothing); for the search loop."""
-    if trial.get("fitness") is None:
+    if trial.fitness is None:
         return list(front)
     points = [objectives(t) for t in [*front, trial]]
     keep = _insert(list(range(len(front))), len(front), points, [1.0] * len(points[-1]))  # type: ignore[arg-type]
     members = [(front[i] if i < len(front) else trial) for i in keep]
-    return sorted(members, key=lambda t: t["id"])
+    return sorted(members, key=lambda t: t.id)
 
 
-def select(front: Sequence[Trial], rule: str = DEFAULT_RULE) -> Trial | None:
+def select(front: Sequence[TrialRecord], rule: str = DEFAULT_RULE) -> TrialRecord | None:
     """The member `rule` picks (see the module docstring), or None for an empty front."""
     if rule not in RULES:
         raise ValueError(f"unknown selection rule {rule!r} (known: {', '.join(RULES)})")
@@ -139,17 +140,17 @@ def select(front: Sequence[Trial], rule: str = DEFAULT_RULE) -> Trial | None:
         score = [min(v) for v in values]  # type: ignore[type-var]
     else:
         score = [-_distance_to_ideal(v, values) for v in values]  # type: ignore[arg-type]
-    best = max(range(len(front)), key=lambda i: (score[i], front[i]["fitness"], -front[i]["id"]))
+    best = max(range(len(front)), key=lambda i: (score[i], front[i].fitness, -front[i].id))
     return front[best]
 
 
-def picked_by(front: Sequence[Trial]) -> dict[int, list[str]]:
+def picked_by(front: Sequence[TrialRecord]) -> dict[int, list[str]]:
     """Trial id -> the rules that pick it (each rule picks exactly one member)."""
     picks: dict[int, list[str]] = {}
     for rule in RULES:
         chosen = select(front, rule)
         if chosen is not None:
-            picks.setdefault(chosen["id"], []).append(rule)
+            picks.setdefault(chosen.id, []).append(rule)
     return picks
 
 

@@ -16,15 +16,18 @@ from typing import Any
 
 from evomerge import pareto
 from evomerge.atomic import atomic_write_text
+from evomerge.model_refs import resolve_recipe_refs
 from evomerge.preflight import resolve_tasks
 from evomerge.recipe import Recipe
-from evomerge.run import (
+from evomerge.run import build_setup
+from evomerge.run_dir import (
     BEST_FILE,
     CONFIG_FILE,
+    REPORT_DATA_FILE,
+    REPORT_FILE,
     SPACE_FILE,
-    build_setup,
+    TrialRecord,
     read_trials,
-    resolve_recipe_refs,
 )
 from evomerge.search_config import SearchConfig, parse_search_config
 from evomerge.task_index import TaskSpec
@@ -46,7 +49,7 @@ class Row:
     )  # ... on the search's dev samples (`limit`)
 
 
-def fitness_plot(trials: list[dict[str, Any]], path: Path) -> None:
+def fitness_plot(trials: list[TrialRecord], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -55,12 +58,12 @@ def fitness_plot(trials: list[dict[str, Any]], path: Path) -> None:
     xs, ys, best, failed = [], [], [], []
     running = float("-inf")
     for i, t in enumerate(trials, start=1):
-        if t["fitness"] is None:
+        if t.fitness is None:
             failed.append(i)
             continue
         xs.append(i)
-        ys.append(t["fitness"])
-        running = max(running, t["fitness"])
+        ys.append(t.fitness)
+        running = max(running, t.fitness)
         best.append(running)
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.scatter(xs, ys, s=12, alpha=0.5, label="trial")
@@ -160,11 +163,11 @@ class ReportScorer:
             )
         )
 
-    def trial(self, record: dict[str, Any], name: str, kind: str) -> Row:
-        result = self.evaluator.evaluate(Job(record["id"], record["recipe"]))
+    def trial(self, record: TrialRecord, name: str, kind: str) -> Row:
+        result = self.evaluator.evaluate(Job(record.id, record.recipe))
         if result.status != "ok":
             raise RuntimeError(
-                f"trial {record['id']} failed when the report re-scored it: {result.error}"
+                f"trial {record.id} failed when the report re-scored it: {result.error}"
             )
         return self._row(name, kind, result.metrics)
 
@@ -211,14 +214,12 @@ class ReportScorer:
 
 
 def evaluate_rows(
-    config: SearchConfig, best: dict[str, Any] | None, *, device: str | None = None
+    config: SearchConfig, best: TrialRecord | None, *, device: str | None = None
 ) -> list[Row]:
     """Score the best merge, every source model and every baseline on the dev and test tasks."""
     scorer = ReportScorer(config, device=device)
     evolved = (
-        [scorer.trial(best, f"evolved (trial #{best['id']})", "evolved")]
-        if best is not None
-        else []
+        [scorer.trial(best, f"evolved (trial #{best.id})", "evolved")] if best is not None else []
     )
     return evolved + scorer.sources() + scorer.baselines()
 
@@ -282,22 +283,20 @@ def make_report(
     space = (
         json.loads((run_dir / SPACE_FILE).read_text()) if (run_dir / SPACE_FILE).exists() else None
     )
-    if best is not None and space and best.get("x"):
-        knob_heatmap(space, best["x"], run_dir / "knobs.png")
+    if best is not None and space and best.x:
+        knob_heatmap(space, best.x, run_dir / "knobs.png")
     scorer = ReportScorer(config, device=device)
     evolved = (
-        [scorer.trial(best, f"evolved (trial #{best['id']})", "evolved")]
-        if best is not None
-        else []
+        [scorer.trial(best, f"evolved (trial #{best.id})", "evolved")] if best is not None else []
     )
     marks = scorer.sources() + scorer.baselines()
     rows = evolved + marks
     table = markdown_table(rows, config)
-    failed = sum(1 for t in trials if t["status"] != "ok")
+    failed = sum(1 for t in trials if t.status != "ok")
     header = f"# evomerge report: {run_dir.name}\n\n{len(trials)} trials ({failed} failed)"
     if best is not None:
         header += (
-            f"; best: trial #{best['id']} with dev fitness {best['fitness']:.4f}, picked by `{rule}` "
+            f"; best: trial #{best.id} with dev fitness {best.fitness:.4f}, picked by `{rule}` "
             f"({pareto.RULE_DESCRIPTIONS[rule]}; recipe: `{BEST_FILE}`)"
         )
     text = f"{header}\n\nHeld-out test tasks (full splits):\n\n{table}\n"
@@ -305,7 +304,7 @@ def make_report(
         "trials": len(trials),
         "failed": failed,
         "select": rule,
-        "best_id": best["id"] if best else None,
+        "best_id": best.id if best else None,
         "rows": [r.__dict__ for r in rows],
     }
     members: list[dict[str, Any]] = []
@@ -319,8 +318,8 @@ def make_report(
         )
         data["front"] = members
     text += "\n![fitness](fitness.png)\n\n![knobs](knobs.png)\n"
-    atomic_write_text(run_dir / "report.md", text)
-    atomic_write_text(run_dir / "report.json", json.dumps(data, indent=1))
+    atomic_write_text(run_dir / REPORT_FILE, text)
+    atomic_write_text(run_dir / REPORT_DATA_FILE, json.dumps(data, indent=1))
     _print_table(rows, config, console)
     if members:
         _print_front(members, config, rule, console)
@@ -332,22 +331,26 @@ def _multi_objective(config: SearchConfig) -> bool:
 
 
 def _score_front(
-    scorer: ReportScorer, front: list[Any], best: Any, best_row: Row, front_test: int
+    scorer: ReportScorer,
+    front: list[TrialRecord],
+    best: TrialRecord | None,
+    best_row: Row,
+    front_test: int,
 ) -> list[dict[str, Any]]:
     """One entry per member, in id order; the picked one (its test scores are the evolved row's)
     and the `front_test` members with the highest weighted mean have test scores."""
-    by_mean = sorted(front, key=lambda t: (t is not best, -t["fitness"], t["id"]))
-    tested = {t["id"] for t in by_mean[: max(front_test, 1)]}
+    by_mean = sorted(front, key=lambda t: (t is not best, -t.fitness, t.id))
+    tested = {t.id for t in by_mean[: max(front_test, 1)]}
     picks = pareto.picked_by(front)
     members = []
     for t in front:
         row = None
-        if t["id"] in tested:
-            row = best_row if t is best else scorer.trial(dict(t), f"trial #{t['id']}", "front")
+        if t.id in tested:
+            row = best_row if t is best else scorer.trial(t, f"trial #{t.id}", "front")
         members.append(
             {
-                "id": t["id"],
-                "fitness": t["fitness"],
+                "id": t.id,
+                "fitness": t.fitness,
                 "objectives": list(pareto.objectives(t) or ()),
                 "dev": {
                     task.name: scorer.signs[task.name] * v
@@ -355,7 +358,7 @@ def _score_front(
                 },
                 "test": row.test if row else None,
                 "test_avg": row.test_avg if row else None,
-                "picked_by": picks.get(t["id"], []),
+                "picked_by": picks.get(t.id, []),
             }
         )
     return members
@@ -408,9 +411,9 @@ def _label(task: str, signs: dict[str, float]) -> str:
 
 
 def pareto_plot(
-    trials: list[dict[str, Any]],
-    front: list[Any],
-    best: Any,
+    trials: list[TrialRecord],
+    front: list[TrialRecord],
+    best: TrialRecord,
     rule: str,
     config: SearchConfig,
     signs: dict[str, float],
@@ -426,10 +429,10 @@ def pareto_plot(
 
     names = [t.name for t in config.tasks]
 
-    def metric(t: Any) -> list[float]:
+    def metric(t: TrialRecord) -> list[float]:
         return [signs[n] * v for n, v in zip(names, pareto.objectives(t) or (), strict=True)]
 
-    scored = [metric(t) for t in trials if t["fitness"] is not None]
+    scored = [metric(t) for t in trials if t.fitness is not None]
     members = sorted((metric(t) for t in front), key=lambda p: p[0])
     picked = metric(best)
     pairs = list(itertools.combinations(range(len(names)), 2))

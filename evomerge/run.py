@@ -1,11 +1,4 @@
-"""The search loop and its run directory.
-
-RUN_DIR/
-  config.yaml      the config that ran (file + command-line overrides)
-  trials.jsonl   one line per finished trial
-  space.json       the knobs, in vector order    best.yaml      the best recipe so far (atomic)
-  best_config.yaml the same recipe, mergekit-runnable (mergekit-multi when slices mix methods)
-  cma_state.pkl | study.db    optimizer state, saved after every update
+"""The search loop: it writes the run directory (its layout and trial records: evomerge.run_dir).
 
 Resume (`--resume RUN_DIR`) reads all of it back: finished trials are never re-run, candidates
 that were in flight when the run stopped are evaluated again (the optimizer state holds every
@@ -15,9 +8,7 @@ finished trial, so a resumed run asks the same points and ends where an uninterr
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,6 +19,7 @@ import yaml
 
 from evomerge.atomic import atomic_write_text
 from evomerge.errors import ConfigError, SearchFailedError
+from evomerge.export import dump_documents, to_mergekit_documents
 from evomerge.genome_space import GenomeSpace
 from evomerge.io.reader import ModelReader
 from evomerge.model_refs import resolve_model, resolve_recipe_refs
@@ -36,50 +28,20 @@ from evomerge.optimize.registry import load_optimizer, make_optimizer, state_pat
 from evomerge.pareto import DEFAULT_RULE, select, trial_front, updated_front
 from evomerge.preflight import check_search
 from evomerge.recipe import Recipe
+from evomerge.run_dir import (
+    BEST_FILE,
+    CONFIG_FILE,
+    MERGEKIT_BEST_FILE,
+    SPACE_FILE,
+    TRIALS_FILE,
+    Pool,
+    PoolFactory,
+    TrialLog,
+    TrialRecord,
+)
 from evomerge.search_config import SearchConfig, load_search_config, parse_search_config
 from evomerge.space import SearchSpace
 from evomerge.workers import Job, TrialResult, WorkerSetup, make_pool
-
-CONFIG_FILE, TRIALS_FILE, BEST_FILE, SPACE_FILE = (
-    "config.yaml",
-    "trials.jsonl",
-    "best.yaml",
-    "space.json",
-)
-MERGEKIT_BEST_FILE = (
-    "best_config.yaml"  # best.yaml in mergekit-runnable form (mergekit-evolve's name)
-)
-
-
-# ---- the run directory -----------------------------------------------------------------
-
-
-def recipe_hash(recipe: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
-
-
-class TrialLog:
-    """`trials.jsonl`: append-only, one JSON object per finished trial, flushed to disk at once."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def read(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        records = []
-        for line in self.path.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a line cut short by a crash: everything before it stands
-        return records
-
-    def append(self, record: Mapping[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
 
 
 @dataclass
@@ -186,7 +148,7 @@ def search(
     num_gpus: float = 0.0,
     device: str | None = None,
     progress: bool = True,
-    pool_factory: Any = None,
+    pool_factory: PoolFactory | None = None,
 ) -> RunSummary:
     """Run (or resume) a search; returns when the budget is spent or on Ctrl-C."""
     if resume:
@@ -217,7 +179,7 @@ def search(
         atomic_write_text(run_dir / SPACE_FILE, json.dumps(setup.space.describe(), indent=1))
     optimizer = _optimizer(config, setup.space, run_dir, resume=resume)
     log = TrialLog(run_dir / TRIALS_FILE)
-    done = {r["id"]: r for r in log.read()}
+    done = {r.id: r for r in log.read()}
     retry = _reconcile(optimizer, done, config.optimizer.per_task)
     if not resume:
         if isinstance(
@@ -230,9 +192,11 @@ def search(
             )
 
     n_workers = config.workers
-    factory = pool_factory or (lambda s, n: make_pool(s, n, address=ray_address, num_gpus=num_gpus))
+    factory: PoolFactory = pool_factory or (
+        lambda s, n: make_pool(s, n, address=ray_address, num_gpus=num_gpus)
+    )
     loop = _Loop(config, setup.space, optimizer, log, run_dir, done)
-    pool = None
+    pool: Pool | None = None
     try:
         pool = factory(setup.worker, n_workers)
         interrupted = loop.run(pool, retry, progress=progress)
@@ -293,15 +257,15 @@ def _optimizer(
     )
 
 
-def told_values(record: Mapping[str, Any], per_task: bool) -> list[float] | None:
+def told_values(record: TrialRecord, per_task: bool) -> list[float] | None:
     """What the optimizer is told of a finished trial: its fitness, or its per-task objectives."""
-    if record["fitness"] is None:
+    if record.fitness is None:
         return None
-    return list(record["objectives"]) if per_task else [record["fitness"]]
+    return list(record.objectives) if per_task else [record.fitness]
 
 
 def _reconcile(
-    optimizer: Optimizer, done: Mapping[int, Mapping[str, Any]], per_task: bool
+    optimizer: Optimizer, done: Mapping[int, TrialRecord], per_task: bool
 ) -> list[Candidate]:
     """After a crash: tell the optimizer trials that were logged but not told; re-run the rest."""
     retry = []
@@ -322,7 +286,7 @@ class _Loop:
         optimizer: Optimizer,
         log: TrialLog,
         run_dir: Path,
-        done: dict[int, dict[str, Any]],
+        done: dict[int, TrialRecord],
     ):
         self.config, self.space, self.optimizer, self.log, self.run_dir = (
             config,
@@ -338,7 +302,6 @@ class _Loop:
         self.recipes: dict[int, dict[str, Any]] = {}
         self.session_start = len(done)
         self.started = time.monotonic()
-        self.previous_seconds = sum(r.get("wall_seconds", 0.0) for r in done.values())
 
     @property
     def budget_left(self) -> int:
@@ -349,7 +312,7 @@ class _Loop:
         minutes = self.config.budget.max_minutes
         return minutes is not None and (time.monotonic() - self.started) / 60 >= minutes
 
-    def run(self, pool: Any, retry: list[Candidate], *, progress: bool) -> bool:
+    def run(self, pool: Pool, retry: list[Candidate], *, progress: bool) -> bool:
         queue = list(retry)
         submitted_at: dict[int, float] = {}
         with _Display(self, enabled=progress) as display:
@@ -381,24 +344,12 @@ class _Loop:
         return False
 
     def finish(self, result: TrialResult, wall: float) -> None:
-        x = self.points.pop(result.candidate_id, None)
-        recipe = self.recipes.pop(result.candidate_id, None)
-        record = {
-            "id": result.candidate_id,
-            "status": result.status,
-            "fitness": result.fitness,
-            "objectives": list(result.objectives),
-            "metrics": result.metrics,
-            "error": result.error,
-            "x": list(x) if x is not None else None,
-            "recipe_hash": recipe_hash(recipe) if recipe else None,
-            "recipe": recipe,
-            "merge_seconds": round(result.merge_seconds, 4),
-            "score_seconds": round(result.score_seconds, 4),
-            "wall_seconds": round(wall, 4),
-            "worker": result.worker,
-            "finished_at": time.time(),
-        }
+        record = TrialRecord.from_result(
+            result,
+            x=self.points.pop(result.candidate_id, None),
+            recipe=self.recipes.pop(result.candidate_id, None),
+            wall_seconds=wall,
+        )
         self.log.append(record)  # logged first: a crash before the tell is reconciled on resume
         self.done[result.candidate_id] = record
         self.optimizer.tell(
@@ -408,10 +359,8 @@ class _Loop:
         best = select(self.front, self.config.optimizer.select)
         if best is not self.best and best is not None:
             self.best = best
-            recipe = Recipe.from_dict(best["recipe"])
+            recipe = best.to_recipe()
             atomic_write_text(self.run_dir / BEST_FILE, recipe.to_yaml())
-            from evomerge.export import dump_documents, to_mergekit_documents  # export imports run
-
             atomic_write_text(
                 self.run_dir / MERGEKIT_BEST_FILE, dump_documents(to_mergekit_documents(recipe))
             )
@@ -419,11 +368,11 @@ class _Loop:
     def failure_message(self) -> str:
         """One line for a search in which no candidate scored."""
         first = min(
-            (r for r in self.done.values() if r["status"] != "ok"),
-            key=lambda r: r["id"],
+            (r for r in self.done.values() if r.status != "ok"),
+            key=lambda r: r.id,
             default=None,
         )
-        cause = f"; first error (trial #{first['id']}): {first['error']}" if first else ""
+        cause = f"; first error (trial #{first.id}): {first.error}" if first else ""
         return (
             f"no candidate scored in {len(self.done)} trials (run directory {self.run_dir}){cause}"
         )
@@ -432,20 +381,20 @@ class _Loop:
         if (
             interrupted
         ):  # Ctrl-C may land between logging a trial and recording it here: the log is the truth
-            self.done.update({r["id"]: r for r in self.log.read()})
+            self.done.update({r.id: r for r in self.log.read()})
             self.front = trial_front(self.done.values())
             self.best = select(self.front, self.config.optimizer.select)
-        failed = sum(1 for r in self.done.values() if r["status"] != "ok")
+        failed = sum(1 for r in self.done.values() if r.status != "ok")
         return RunSummary(
             self.run_dir,
             len(self.done),
             failed,
-            self.best["id"] if self.best else None,
-            self.best["fitness"] if self.best else None,
+            self.best.id if self.best else None,
+            self.best.fitness if self.best else None,
             time.monotonic() - self.started,
             interrupted,
             self.config.optimizer.select,
-            tuple(t["id"] for t in self.front) if self.config.optimizer.per_task else (),
+            tuple(t.id for t in self.front) if self.config.optimizer.per_task else (),
         )
 
 
@@ -484,7 +433,7 @@ class _Display:
             return
         loop = self.loop
         minutes = max((time.monotonic() - loop.started) / 60, 1e-9)
-        best = f"{loop.best['fitness']:.4f} (#{loop.best['id']})" if loop.best else "-"
+        best = f"{loop.best.fitness:.4f} (#{loop.best.id})" if loop.best else "-"
         rate = (len(loop.done) - loop.session_start) / minutes
         self.progress.update(
             self.task, completed=len(loop.done), status=f"best {best}  {rate:.1f} evals/min"
@@ -495,8 +444,4 @@ class _Display:
             self.progress.stop()
 
 
-def read_trials(run_dir: Path) -> list[dict[str, Any]]:
-    return TrialLog(Path(run_dir) / TRIALS_FILE).read()
-
-
-__all__ = ["RunSummary", "TrialLog", "build_setup", "read_trials", "resolve_model", "search"]
+__all__ = ["RunSummary", "build_setup", "resolve_model", "search"]

@@ -1,8 +1,9 @@
 """Workers: load the input models once, then merge each candidate in memory and score it.
 
 `CandidateEvaluator` is a plain class. `SerialPool` runs it in-process (`--workers 0`, debugging);
-`RayPool` wraps it in Ray actors, the only place Ray appears. Both pools have one interface:
-`submit(job)`, `poll(timeout) -> results`, `free_slots`, `close()`.
+`RayPool` wraps it in Ray actors, the only place Ray appears. Both pools have the interface the
+search loop uses (`evomerge.run_dir.Pool`): `submit(job)`, `poll(timeout) -> results`,
+`free_slots`, `in_flight`, `close()`.
 """
 
 from __future__ import annotations

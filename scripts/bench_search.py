@@ -15,7 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from evomerge.run import read_trials, search
+from evomerge.run import search
+from evomerge.run_dir import TrialRecord, read_trials
 from evomerge.workers import CandidateEvaluator, Job, TrialResult, make_pool
 
 COST_SECONDS = 0.5
@@ -43,7 +44,7 @@ class FixedCostEvaluator(CandidateEvaluator):
         )
 
 
-def run(config: Path, evals: int, workers: int, fixed: bool) -> tuple[float, list[dict]]:
+def run(config: Path, evals: int, workers: int, fixed: bool) -> tuple[float, list[TrialRecord]]:
     root = Path(tempfile.mkdtemp(prefix="evomerge-bench-search-"))
     factory = (lambda s, n: make_pool(s, n, evaluator_cls=FixedCostEvaluator)) if fixed else None
     t0 = time.perf_counter()
@@ -74,20 +75,20 @@ def main() -> None:
     for workers in (1, 2):
         wall, trials = run(args.config, args.evals, workers, fixed=True)
         # steady state: time between the first and the last finished candidate (excludes worker start-up)
-        stamps = sorted(t["finished_at"] for t in trials)
+        stamps = sorted(t.finished_at for t in trials)
         rate = (len(stamps) - 1) / (stamps[-1] - stamps[0]) * 60
         rates[workers] = rate
-        merge = statistics.median(t["merge_seconds"] for t in trials)
+        merge = statistics.median(t.merge_seconds for t in trials)
         print(
             f"  {workers} worker(s): {rate:6.1f} candidates/min steady state (ideal {60 / (COST_SECONDS + merge) * workers:.1f}), {wall:.1f} s wall incl. start-up"
         )
     print(f"  scaling 1 -> 2 workers: {rates[2] / rates[1]:.2f}x")
 
     wall, trials = run(args.config, args.evals, 2, fixed=False)
-    ok = [t for t in trials if t["status"] == "ok"]
-    merge = statistics.median(t["merge_seconds"] for t in ok)
-    score = statistics.median(t["score_seconds"] for t in ok)
-    stamps = sorted(t["finished_at"] for t in ok)
+    ok = [t for t in trials if t.status == "ok"]
+    merge = statistics.median(t.merge_seconds for t in ok)
+    score = statistics.median(t.score_seconds for t in ok)
+    stamps = sorted(t.finished_at for t in ok)
     rate = (len(stamps) - 1) / (stamps[-1] - stamps[0]) * 60
     print(f"\nreal lm-eval scorer, 2 workers, {len(ok)} candidates: {rate:.1f} candidates/min")
     print(

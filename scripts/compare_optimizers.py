@@ -16,14 +16,15 @@ from pathlib import Path
 
 import yaml
 
-from evomerge.run import read_trials, search
+from evomerge.run import search
+from evomerge.run_dir import TrialRecord, read_trials
 
 
-def best_so_far(trials: list[dict]) -> list[float]:
+def best_so_far(trials: list[TrialRecord]) -> list[float]:
     curve, best = [], float("-inf")
     for t in trials:
-        if t["fitness"] is not None:
-            best = max(best, t["fitness"])
+        if t.fitness is not None:
+            best = max(best, t.fitness)
         curve.append(best)
     return curve
 

@@ -467,9 +467,7 @@ def test_dfs_search_exports_the_model_it_scored(quick_zoo, tmp_path):
     assert result.exit_code == 0, result.output
     setup = build_setup(load_search_config(summary.run_dir / "config.yaml")[0])
     evaluator = evaluator_class(setup.worker)(setup.worker)
-    assert evaluator.score_model_dir(str(merged)).fitness == pytest.approx(
-        record["fitness"], abs=1e-6
-    )
+    assert evaluator.score_model_dir(str(merged)).fitness == pytest.approx(record.fitness, abs=1e-6)
 
 
 def test_cli_refuses_a_gpt2_dfs_before_loading(gpt2_family, tmp_path):

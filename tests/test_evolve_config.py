@@ -15,7 +15,7 @@ from evomerge.errors import ConfigError
 from evomerge.evolve_config import EvolveFlags, native_config, parse_evolve_config
 from evomerge.genome_space import GenomeSpace
 from evomerge.recipe import Recipe
-from evomerge.run import read_trials
+from evomerge.run_dir import read_trials
 from evomerge.search_config import parse_search_config
 
 runner = CliRunner()
@@ -317,20 +317,18 @@ def test_search_runs_an_evolve_config_as_it_is(zoo, tmp_path):
     )
     assert "not applied by evomerge: apply_chat_template" in result.output
     trials = read_trials(run_dir)
-    assert len(trials) == 3 and all(t["status"] == "ok" for t in trials)
+    assert len(trials) == 3 and all(t.status == "ok" for t in trials)
     space = build(raw)  # trial 0 is the genome's start point: weight 1/3, density 1 everywhere
-    assert rounded(trials[0]["recipe"], 9) == rounded(
-        space.decode(space.start_point()).to_dict(), 9
-    )
+    assert rounded(trials[0].recipe, 9) == rounded(space.decode(space.start_point()).to_dict(), 9)
     # the fitness is the weighted mean (weights 2 and 1) of the two dev accuracies
-    m = trials[0]["metrics"]
-    assert trials[0]["fitness"] == pytest.approx(
+    m = trials[0].metrics
+    assert trials[0].fitness == pytest.approx(
         (2 * m["zoo_addition_dev"]["acc"] + m["zoo_reversal_dev"]["acc"]) / 3
     )
-    best = max(trials, key=lambda t: t["fitness"])
-    assert Recipe.load(run_dir / "best.yaml").to_dict() == best["recipe"]
+    best = max(trials, key=lambda t: t.fitness)
+    assert Recipe.load(run_dir / "best.yaml").to_dict() == best.recipe
     documents = list(yaml.safe_load_all((run_dir / "best_config.yaml").read_text()))
-    assert len(documents) == 1 and documents[0] == best["recipe"]
+    assert len(documents) == 1 and documents[0] == best.recipe
     mergekit_config = pytest.importorskip("mergekit.config")
     mergekit_config.MergeConfiguration.model_validate(documents[0])  # mergekit reads it
     assert (
@@ -386,5 +384,5 @@ def test_an_evolve_run_resumes_from_its_run_directory(zoo, tmp_path):
     assert first.trials == 2
     resumed = search(None, run_dir=run_dir, resume=True, max_evals=3, workers=0, progress=False)
     trials = read_trials(run_dir)
-    assert resumed.trials == 3 and [t["id"] for t in trials] == [0, 1, 2]
+    assert resumed.trials == 3 and [t.id for t in trials] == [0, 1, 2]
     assert (run_dir / "best_config.yaml").exists()

@@ -8,13 +8,12 @@ import math
 import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from procs import cli_env, search_command, wait_for
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -23,10 +22,10 @@ from evomerge.errors import CheckpointError, ScoringError, SearchFailedError
 from evomerge.evaluate import Scorer
 from evomerge.io.reader import ModelReader
 from evomerge.recipe import Recipe
-from evomerge.run import read_trials, search
+from evomerge.run import search
+from evomerge.run_dir import read_trials
 from evomerge.workers import CandidateEvaluator, Job, WorkerSetup, make_pool
 
-REPO = Path(__file__).resolve().parents[1]
 GEN_TASK = {"name": "zoo_shift_dev_gen", "metric": "exact_match"}
 
 
@@ -133,13 +132,11 @@ def test_float16_overflowing_merges_fail_and_never_become_best(quick_zoo, tmp_pa
     )
     summary = search(config, run_dir=tmp_path / "run", progress=False)
     trials = read_trials(summary.run_dir)
-    assert len(trials) == 4 and trials[0]["status"] == "ok"
-    overflowed = [t for t in trials if t["status"] == "failed"]
-    assert overflowed and all(
-        "not finite" in t["error"] and t["fitness"] is None for t in overflowed
-    )
-    assert summary.best_id == trials[0]["id"]
-    assert Recipe.load(summary.run_dir / "best.yaml") == Recipe.from_dict(trials[0]["recipe"])
+    assert len(trials) == 4 and trials[0].status == "ok"
+    overflowed = [t for t in trials if t.status == "failed"]
+    assert overflowed and all("not finite" in t.error and t.fitness is None for t in overflowed)
+    assert summary.best_id == trials[0].id
+    assert Recipe.load(summary.run_dir / "best.yaml") == Recipe.from_dict(trials[0].recipe)
 
 
 class _NaNOnOddIds(CandidateEvaluator):
@@ -161,10 +158,8 @@ def test_nan_weights_fail_a_generation_only_search(quick_zoo, tmp_path):
     factory = lambda setup, n: make_pool(setup, 0, evaluator_cls=_NaNOnOddIds)  # noqa: E731
     summary = search(config, run_dir=tmp_path / "run", progress=False, pool_factory=factory)
     trials = read_trials(summary.run_dir)
-    assert [t["status"] for t in trials] == ["ok", "failed", "ok", "failed"]
-    assert all(
-        "zoo_shift_dev_gen" in t["error"] and "not finite" in t["error"] for t in trials[1::2]
-    )
+    assert [t.status for t in trials] == ["ok", "failed", "ok", "failed"]
+    assert all("zoo_shift_dev_gen" in t.error and "not finite" in t.error for t in trials[1::2])
     assert summary.best_id in (0, 2) and summary.failed == 2
 
 
@@ -273,19 +268,16 @@ def _trial_lines(run_dir: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
-def _kill_when_logged(cmd: list[str], run_dir: Path, k: int) -> int:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+def _kill_when_logged(config: Path, run_dir: Path, k: int) -> int:
     proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        search_command(config, run_dir),
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    deadline = time.monotonic() + 300
     try:
-        while _trial_lines(run_dir) < k:
-            assert proc.poll() is None, (
-                f"the search ended before {k} trials: {proc.stderr.read()[-2000:]}"
-            )
-            assert time.monotonic() < deadline, "the search is too slow"
-            time.sleep(0.02)
+        wait_for(lambda: _trial_lines(run_dir) >= k, 300, proc, interval=0.02)
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.kill()
@@ -310,25 +302,14 @@ def test_a_driver_killed_mid_generation_resumes_the_same_search(
     full = search(config, run_dir=tmp_path / "full", progress=False)
 
     run_dir = tmp_path / "killed"
-    cmd = [
-        sys.executable,
-        "-m",
-        "evomerge.cli",
-        "search",
-        str(config),
-        "--out",
-        str(run_dir),
-        "--no-report",
-        "--no-save-best",
-    ]
-    logged = _kill_when_logged(cmd, run_dir, kill_at)
+    logged = _kill_when_logged(config, run_dir, kill_at)
     assert logged % 4 != 0  # mid-generation (popsize 4), a candidate in flight
     state = run_dir / ("cma_state.pkl" if optimizer["kind"] == "cma" else "study.db")
     assert state.exists()
 
     resumed = search(None, run_dir=run_dir, resume=True, progress=False)
-    expected = [(t["id"], t["x"]) for t in read_trials(full.run_dir)]
-    got = sorted((t["id"], t["x"]) for t in read_trials(resumed.run_dir))
+    expected = [(t.id, t.x) for t in read_trials(full.run_dir)]
+    got = sorted((t.id, t.x) for t in read_trials(resumed.run_dir))
     assert len(expected) == 10 and got == sorted(expected)
     assert [
         json.loads(line)["id"] for line in (run_dir / "trials.jsonl").read_text().splitlines()

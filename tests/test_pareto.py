@@ -9,6 +9,7 @@ import pytest
 
 from evomerge import pareto
 from evomerge.errors import ConfigError
+from evomerge.run_dir import TrialRecord
 from evomerge.search_config import parse_search_config
 
 
@@ -65,14 +66,14 @@ def _trial(i, acc, ppl, *, failed=False):
     """A trials.jsonl record as the search writes it: perplexity is lower-is-better, so its
     objective is negated (what `Scorer.objectives` does)."""
     if failed:
-        return {"id": i, "status": "failed", "fitness": None, "objectives": [], "metrics": {}}
-    return {
-        "id": i,
-        "status": "ok",
-        "fitness": (acc - ppl) / 2,
-        "objectives": [acc, -ppl],
-        "metrics": {"qa": {"acc": acc}, "lm": {"ppl": ppl}},
-    }
+        return TrialRecord(i, "failed", None)
+    return TrialRecord(
+        i,
+        "ok",
+        (acc - ppl) / 2,
+        objectives=(acc, -ppl),
+        metrics={"qa": {"acc": acc}, "lm": {"ppl": ppl}},
+    )
 
 
 def test_trial_front_with_a_lower_is_better_metric_equals_brute_force_on_the_raw_metrics():
@@ -82,11 +83,11 @@ def test_trial_front_with_a_lower_is_better_metric_equals_brute_force_on_the_raw
         for i in range(50)
     ]
     rng.shuffle(trials)  # the front is in id order whatever the log order
-    ok = sorted((t for t in trials if t["fitness"] is not None), key=lambda t: t["id"])
-    raw = [(t["metrics"]["qa"]["acc"], t["metrics"]["lm"]["ppl"]) for t in ok]
-    expected = [ok[i]["id"] for i in brute_force_front(raw, ["maximize", "minimize"])]
-    assert [t["id"] for t in pareto.trial_front(trials)] == expected
-    assert all(t["fitness"] is not None for t in pareto.trial_front(trials))
+    ok = sorted((t for t in trials if t.fitness is not None), key=lambda t: t.id)
+    raw = [(t.metrics["qa"]["acc"], t.metrics["lm"]["ppl"]) for t in ok]
+    expected = [ok[i].id for i in brute_force_front(raw, ["maximize", "minimize"])]
+    assert [t.id for t in pareto.trial_front(trials)] == expected
+    assert all(t.fitness is not None for t in pareto.trial_front(trials))
 
 
 def test_the_search_loops_incremental_front_equals_the_front_of_every_prefix():
@@ -98,15 +99,13 @@ def test_the_search_loops_incremental_front_equals_the_front_of_every_prefix():
     front: list = []
     for n, t in enumerate(trials, start=1):
         front = pareto.updated_front(front, t)
-        assert [m["id"] for m in front] == [m["id"] for m in pareto.trial_front(trials[:n])]
+        assert [m.id for m in front] == [m.id for m in pareto.trial_front(trials[:n])]
 
 
 def _member(i, *values, fitness=None):
-    return {
-        "id": i,
-        "fitness": sum(values) / len(values) if fitness is None else fitness,
-        "objectives": list(values),
-    }
+    return TrialRecord(
+        i, "ok", sum(values) / len(values) if fitness is None else fitness, objectives=values
+    )
 
 
 def test_each_rule_picks_its_member():
@@ -126,9 +125,9 @@ def test_each_rule_picks_its_member():
 
 def test_ties_go_to_the_higher_mean_then_the_earlier_trial():
     front = [_member(4, 0.5, 0.5), _member(2, 0.5, 0.5), _member(9, 0.5, 0.7)]
-    assert pareto.select(front, "maximin")["id"] == 9  # equal minimum, higher mean
-    assert pareto.select(front[:2], "maximin")["id"] == 2
-    assert pareto.select(front[:2], "weighted-mean")["id"] == 2
+    assert pareto.select(front, "maximin").id == 9  # equal minimum, higher mean
+    assert pareto.select(front[:2], "maximin").id == 2
+    assert pareto.select(front[:2], "weighted-mean").id == 2
     assert pareto.select([], "maximin") is None
 
 
@@ -141,7 +140,7 @@ def test_weighted_mean_on_the_front_is_the_highest_fitness_of_all_trials():
         values = [rng.choice([0.1, 0.3, 0.5, 0.7]) for _ in weights]
         fitness = sum(w * v for w, v in zip(weights, values, strict=True)) / sum(weights)
         trials.append(_member(i, *values, fitness=fitness))
-    best = max(trials, key=lambda t: (t["fitness"], -t["id"]))
+    best = max(trials, key=lambda t: (t.fitness, -t.id))
     assert pareto.select(pareto.trial_front(trials), "weighted-mean") is best
 
 
@@ -174,4 +173,4 @@ def test_every_rule_picks_a_front_member():
             assert pareto.select(front, rule) in front
         # and no rule can be beaten on every objective by another trial
         for t, u in itertools.product(front, trials):
-            assert not pareto.dominates(u["objectives"], t["objectives"])
+            assert not pareto.dominates(u.objectives, t.objectives)

@@ -18,39 +18,17 @@ import time
 from pathlib import Path
 
 import pytest
+from procs import ROOT, cli_env, search_command, wait_for
 from test_search import write_config
 
-from evomerge.run import read_trials
+from evomerge.run_dir import read_trials
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _env(**changes: str | None) -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    for key, value in changes.items():
-        if value is None:
-            env.pop(key, None)
-        else:
-            env[key] = value
-    return env
 
 
 def _search(config: Path, run_dir: Path, *extra: str, env: dict[str, str]) -> subprocess.Popen[str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "evomerge.cli",
-        "search",
-        str(config),
-        "--out",
-        str(run_dir),
-        "--no-report",
-        "--no-save-best",
-        *extra,
-    ]
     return subprocess.Popen(
-        cmd,
+        search_command(config, run_dir, *extra),
         env=env,
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -115,17 +93,6 @@ def _wait_gone(pids: set[int], seconds: float) -> set[int]:
     return _alive(pids)
 
 
-def _wait_for(predicate, seconds: float, proc: subprocess.Popen[str]) -> None:
-    deadline = time.time() + seconds
-    while not predicate():
-        if proc.poll() is not None:
-            pytest.fail(f"search exited early ({proc.returncode}): {proc.stdout.read()}")
-        if time.time() > deadline:
-            proc.kill()
-            pytest.fail("timed out waiting for the search")
-        time.sleep(0.1)
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -141,7 +108,7 @@ def ray_cluster():
     token = root / "token"
     token.write_text("evomerge-test-" + os.urandom(8).hex())
     port = _free_port()
-    env = _env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+    env = cli_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
     start = subprocess.Popen(
         [
             str(Path(sys.executable).parent / "ray"),
@@ -183,7 +150,7 @@ def test_search_joins_a_ray_start_cluster_with_token_auth(quick_zoo, ray_cluster
     config = write_config(tmp_path, quick_zoo, workers=2, budget={"max_evals": 4})
     run_dir = tmp_path / "run"
     # RAY_AUTH_MODE unset, as in a fresh shell: the token is found where Ray's CLI finds it
-    env = _env(RAY_AUTH_MODE=None, RAY_AUTH_TOKEN_PATH=str(ray_cluster["token"]))
+    env = cli_env(RAY_AUTH_MODE=None, RAY_AUTH_TOKEN_PATH=str(ray_cluster["token"]))
     proc = _search(config, run_dir, "--ray-address", ray_cluster["address"], env=env)
     out, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, out
@@ -191,20 +158,20 @@ def test_search_joins_a_ray_start_cluster_with_token_auth(quick_zoo, ray_cluster
         "Token authentication" not in out and "Loading weights" not in out
     )  # the search's own output only
     trials = read_trials(run_dir)
-    assert len(trials) == 4 and all(t["status"] == "ok" for t in trials)
+    assert len(trials) == 4 and all(t.status == "ok" for t in trials)
     # every trial ran in a worker process of that cluster (its logs name the worker's pid)
     cluster_pids = {
         int(m.group(1))
         for f in ray_cluster["logs"].glob("worker-*")
         if (m := re.search(r"-(\d+)\.(?:out|err)$", f.name))
     }
-    assert {int(t["worker"].rsplit(":", 1)[1]) for t in trials} <= cluster_pids
+    assert {int(t.worker.rsplit(":", 1)[1]) for t in trials} <= cluster_pids
 
 
 def test_search_without_the_clusters_token_fails_in_one_line(quick_zoo, ray_cluster, tmp_path):
     config = write_config(tmp_path, quick_zoo, workers=2, budget={"max_evals": 4})
     run_dir = tmp_path / "run"
-    env = _env(
+    env = cli_env(
         RAY_AUTH_MODE=None,
         RAY_AUTH_TOKEN=None,
         RAY_AUTH_TOKEN_PATH=str(tmp_path / "no-token"),
@@ -224,7 +191,7 @@ def test_search_without_the_clusters_token_fails_in_one_line(quick_zoo, ray_clus
 def _embedded_search(quick_zoo, tmp_path) -> tuple[subprocess.Popen[str], Path]:
     config = write_config(tmp_path, quick_zoo, workers=2, budget={"max_evals": 200})
     run_dir = tmp_path / "run"
-    return _search(config, run_dir, env=_env()), run_dir
+    return _search(config, run_dir, env=cli_env()), run_dir
 
 
 def _ray_started(proc: subprocess.Popen[str]) -> bool:
@@ -237,7 +204,7 @@ def _ray_started(proc: subprocess.Popen[str]) -> bool:
 
 def test_a_killed_driver_leaves_no_ray_process_running(quick_zoo, tmp_path):
     proc, run_dir = _embedded_search(quick_zoo, tmp_path)
-    _wait_for(lambda: len(read_trials(run_dir)) >= 1, 240, proc)
+    wait_for(lambda: len(read_trials(run_dir)) >= 1, 240, proc)
     ours = _descendants(proc.pid)
     assert len(ours) >= 5  # GCS, raylet, agents, two workers
     proc.kill()
@@ -249,9 +216,9 @@ def test_a_killed_driver_leaves_no_ray_process_running(quick_zoo, tmp_path):
 def test_ctrl_c_says_how_to_resume_and_stops_ray(quick_zoo, tmp_path, when):
     proc, run_dir = _embedded_search(quick_zoo, tmp_path)
     if when == "worker start-up":
-        _wait_for(lambda: _ray_started(proc), 120, proc)
+        wait_for(lambda: _ray_started(proc), 120, proc)
     else:
-        _wait_for(lambda: len(read_trials(run_dir)) >= 1, 240, proc)
+        wait_for(lambda: len(read_trials(run_dir)) >= 1, 240, proc)
     ours = _descendants(proc.pid)
     os.killpg(proc.pid, signal.SIGINT)  # as a terminal does: the whole foreground process group
     out, _ = proc.communicate(timeout=120)

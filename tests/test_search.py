@@ -17,7 +17,8 @@ from evomerge.cli import app
 from evomerge.export import to_mergekit_documents, trial_recipe
 from evomerge.merge import merge_to_disk
 from evomerge.recipe import Recipe
-from evomerge.run import read_trials, search
+from evomerge.run import search
+from evomerge.run_dir import read_trials
 from evomerge.workers import CandidateEvaluator, Job, RayPool, TrialResult, make_pool
 
 runner = CliRunner()
@@ -70,8 +71,8 @@ def test_serial_search_logs_every_trial_and_warm_start_comes_first(quick_zoo, tm
     summary = search(write_config(tmp_path, quick_zoo), run_dir=tmp_path / "run", progress=False)
     trials = read_trials(summary.run_dir)
     assert summary.trials == len(trials) == 8 and summary.failed == 0
-    assert [t["id"] for t in trials] == list(range(8))
-    first = Recipe.from_dict(trials[0]["recipe"])
+    assert [t.id for t in trials] == list(range(8))
+    first = Recipe.from_dict(trials[0].recipe)
     weights = [
         src.parameters["weight"] for sl in first.slices for src in sl.sources if src.parameters
     ]
@@ -79,10 +80,10 @@ def test_serial_search_logs_every_trial_and_warm_start_comes_first(quick_zoo, tm
         [1 / 3] * len(weights), abs=1e-5
     )  # the warm start, encoded then decoded
     for t in trials:
-        assert set(t["metrics"]) == {f"zoo_{s}_dev" for s in quick_zoo.skills}
-        assert t["merge_seconds"] > 0 and t["score_seconds"] > 0
-    best = max(trials, key=lambda t: t["fitness"])
-    assert Recipe.load(summary.run_dir / "best.yaml") == Recipe.from_dict(best["recipe"])
+        assert set(t.metrics) == {f"zoo_{s}_dev" for s in quick_zoo.skills}
+        assert t.merge_seconds > 0 and t.score_seconds > 0
+    best = max(trials, key=lambda t: t.fitness)
+    assert Recipe.load(summary.run_dir / "best.yaml") == Recipe.from_dict(best.recipe)
     assert (summary.run_dir / "cma_state.pkl").exists()
 
 
@@ -115,10 +116,10 @@ def test_failed_candidates_are_logged_and_the_run_goes_on(quick_zoo, tmp_path):
         pool_factory=factory,
     )
     trials = read_trials(summary.run_dir)
-    failed = [t for t in trials if t["status"] == "failed"]
-    assert len(trials) == 8 and [t["id"] for t in failed] == [1, 4, 7]
-    assert all("injected scoring failure" in t["error"] and t["fitness"] is None for t in failed)
-    assert summary.best_fitness == max(t["fitness"] for t in trials if t["fitness"] is not None)
+    failed = [t for t in trials if t.status == "failed"]
+    assert len(trials) == 8 and [t.id for t in failed] == [1, 4, 7]
+    assert all("injected scoring failure" in t.error and t.fitness is None for t in failed)
+    assert summary.best_fitness == max(t.fitness for t in trials if t.fitness is not None)
 
 
 def test_interrupted_run_resumes_without_losing_or_rerunning_trials(quick_zoo, tmp_path):
@@ -131,10 +132,10 @@ def test_interrupted_run_resumes_without_losing_or_rerunning_trials(quick_zoo, t
     assert search(None, run_dir=tmp_path / "resumed", resume=True, progress=False).trials == 5
     resumed = search(None, run_dir=tmp_path / "resumed", resume=True, max_evals=8, progress=False)
     trials = read_trials(resumed.run_dir)
-    assert [t["id"] for t in trials] == list(range(8))
+    assert [t.id for t in trials] == list(range(8))
     uninterrupted = read_trials(full.run_dir)
     for a, b in zip(trials, uninterrupted, strict=True):  # CMA state restored: the same points
-        assert a["x"] == pytest.approx(b["x"]), a["id"]
+        assert a.x == pytest.approx(b.x), a.id
 
 
 def test_export_rebuilds_the_scored_weights(quick_zoo, tmp_path):
@@ -159,7 +160,7 @@ def test_export_rebuilds_the_scored_weights(quick_zoo, tmp_path):
     setup = build_setup(load_search_config(summary.run_dir / "config.yaml")[0])
     evaluator = CandidateEvaluator(replace(setup.worker, device="cpu"))
     rescored = evaluator.score_model_dir(str(merged))
-    assert rescored.fitness == pytest.approx(record["fitness"], abs=1e-6)
+    assert rescored.fitness == pytest.approx(record.fitness, abs=1e-6)
 
 
 def test_per_layer_method_choice_exports_a_mergekit_multi_file_with_the_same_weights(
@@ -300,7 +301,7 @@ def test_cli_search_with_ray_workers_writes_report(quick_zoo, ray_session, tmp_p
     assert (
         "front" not in report and not (run_dir / "pareto.png").exists()
     )  # one objective: no front section
-    workers = {t["worker"] for t in read_trials(run_dir)}
+    workers = {t.worker for t in read_trials(run_dir)}
     assert len(workers) == 2
 
 
@@ -340,8 +341,8 @@ def test_search_scores_the_users_own_tasks_from_task_paths(quick_zoo, tmp_path):
     )
     summary = search(config, run_dir=tmp_path / "run", progress=False)
     trials = read_trials(summary.run_dir)
-    assert summary.failed == 0 and all(set(t["metrics"]) == {"my_add"} for t in trials)
-    assert trials[0]["fitness"] == trials[0]["metrics"]["my_add"]["acc"]
+    assert summary.failed == 0 and all(set(t.metrics) == {"my_add"} for t in trials)
+    assert trials[0].fitness == trials[0].metrics["my_add"]["acc"]
 
 
 def test_nsga2_searches_one_objective_per_task(quick_zoo, tmp_path):
@@ -354,13 +355,13 @@ def test_nsga2_searches_one_objective_per_task(quick_zoo, tmp_path):
     trials = read_trials(summary.run_dir)
     assert len(trials) == 6 and summary.failed == 0
     for t in trials:
-        per_task = [t["metrics"][f"zoo_{s}_dev"]["acc"] for s in quick_zoo.skills]
-        assert t["objectives"] == pytest.approx(per_task)
-        assert t["fitness"] == pytest.approx(sum(per_task) / len(per_task))
+        per_task = [t.metrics[f"zoo_{s}_dev"]["acc"] for s in quick_zoo.skills]
+        assert t.objectives == pytest.approx(per_task)
+        assert t.fitness == pytest.approx(sum(per_task) / len(per_task))
     study = optuna.load_study(study_name=None, storage=f"sqlite:///{summary.run_dir / 'study.db'}")
     assert len(study.directions) == len(quick_zoo.skills)
     assert [tuple(tr.values) for tr in study.trials] == [
-        pytest.approx(t["objectives"]) for t in trials
+        pytest.approx(t.objectives) for t in trials
     ]
 
 

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from evomerge.cli import app
 from evomerge.evaluate import Scorer
-from evomerge.run import read_trials, search
+from evomerge.run import search
+from evomerge.run_dir import read_trials
 
 TASK = """task: {name}
 tag: [ev_tagged]
@@ -162,8 +163,8 @@ def test_a_group_as_fitness_and_overrides_recorded_in_the_run_dir(quick_zoo, tmp
     trials = read_trials(summary.run_dir)
     assert len(trials) == 2 and summary.failed == 0
     for t in trials:
-        assert t["fitness"] == t["metrics"]["zoo_dev"]["acc"]
-        assert set(t["metrics"]) == {"zoo_dev", *(f"zoo_{s}_dev" for s in skills)}
+        assert t.fitness == t.metrics["zoo_dev"]["acc"]
+        assert set(t.metrics) == {"zoo_dev", *(f"zoo_{s}_dev" for s in skills)}
     recorded = yaml.safe_load((summary.run_dir / "config.yaml").read_text())
     assert recorded["budget"]["max_evals"] == 2 and recorded["workers"] == 0
     assert {k: v for k, v in recorded.items() if k not in ("budget", "workers")} == {

@@ -160,7 +160,8 @@ def test_merge_scored_in_place_equals_the_merge_on_disk_in_a_fresh_engine(quick_
 def test_search_with_the_vllm_backend_runs_and_its_best_rescores(quick_zoo, tmp_path, vllm_scorer):
     from evomerge.export import trial_recipe
     from evomerge.merge import merge_to_disk
-    from evomerge.run import read_trials, search
+    from evomerge.run import search
+    from evomerge.run_dir import read_trials
 
     skills = list(quick_zoo.skills)
     config = {
@@ -184,10 +185,8 @@ def test_search_with_the_vllm_backend_runs_and_its_best_rescores(quick_zoo, tmp_
     summary = search(path, run_dir=tmp_path / "run", progress=False)
     trials = read_trials(summary.run_dir)
     assert len(trials) == 4
-    assert [t.get("error") for t in trials if t["status"] != "ok"] == []
+    assert [t.error for t in trials if t.status != "ok"] == []
     recipe, record = trial_recipe(summary.run_dir)
-    assert record["fitness"] == max(t["fitness"] for t in trials)
+    assert record.fitness == max(t.fitness for t in trials)
     merge_to_disk(recipe, tmp_path / "best", progress=False)
-    assert vllm_scorer.score(tmp_path / "best").fitness == pytest.approx(
-        record["fitness"], abs=1e-9
-    )
+    assert vllm_scorer.score(tmp_path / "best").fitness == pytest.approx(record.fitness, abs=1e-9)
