@@ -328,8 +328,9 @@ def _round(value: float) -> float:
 
 def build_dfs_setup(config: Any, *, device: str | None = None) -> Any:
     """The `SearchSetup` of a config with a `dfs:` section: the space and a path worker. Reads configs only."""
+    from evomerge.model_refs import resolve_model, resolve_recipe_refs
     from evomerge.path_worker import recipe_models
-    from evomerge.run import SearchSetup, resolve_model, resolve_recipe_refs
+    from evomerge.run import SearchSetup
     from evomerge.workers import WorkerSetup
 
     assert config.dfs is not None

@@ -194,7 +194,7 @@ def _check_layer_granularity(genome: EvolveGenome, origin: str) -> None:
     g = genome.layer_granularity
     if g <= 0:
         return
-    from evomerge.run import resolve_model
+    from evomerge.model_refs import resolve_model
 
     config_file = Path(resolve_model(genome.models[0])) / "config.json"
     if not config_file.is_file():

@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from evomerge.zoo.corpus import Mixture
+from evomerge.zoo.corpus import Mixture, easy
 from evomerge.zoo.model import ModelShape, new_model, parameter_count
-from evomerge.zoo.probe import skill_accuracies
+from evomerge.zoo.probe import exact_match, skill_accuracies
 from evomerge.zoo.skills import SKILL_NAMES, MCItem, eval_items
 from evomerge.zoo.train import TrainConfig, set_cpu_threads, train
 
@@ -167,10 +167,33 @@ def main() -> None:
         default=0.0,
         help="share of skill examples in pre-training",
     )
+    parser.add_argument(
+        "--pretrain-skill-shares",
+        default="",
+        help="per-skill shares of full-size skill examples in pre-training (overrides the even split"
+        " of --pretrain-skill-frac), e.g. addition=0.02,reversal=0.01,shift=0.003",
+    )
+    parser.add_argument(
+        "--pretrain-easy-frac",
+        type=float,
+        default=0.0,
+        help="share of the skills' easy variants (skills.Skill.easy) in pre-training",
+    )
     parser.add_argument("--ft-steps", type=int, default=300)
     parser.add_argument("--ft-lr", type=float, default=1e-3)
     parser.add_argument(
-        "--ft-replay", type=float, default=0.0, help="share of generic data in fine-tuning"
+        "--ft-replay", type=float, default=0.0, help="share of replayed data in fine-tuning"
+    )
+    parser.add_argument(
+        "--ft-replay-from",
+        choices=["generic", "pretrain"],
+        default="generic",
+        help="replay the generic sources only, or the whole pre-training mixture",
+    )
+    parser.add_argument(
+        "--ft-steps-factor",
+        default="",
+        help="per-skill fine-tune step factors, e.g. addition=2,shift=0.5",
     )
     parser.add_argument(
         "--ft-frozen", default="", help="comma-separated name parts to freeze in fine-tuning"
@@ -179,6 +202,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layer-search", action="store_true")
+    parser.add_argument(
+        "--model-search", action="store_true", help="dev-tuned per-model task-arithmetic weights"
+    )
+    parser.add_argument("--gen", action="store_true", help="also greedy exact match per skill")
+    parser.add_argument("--no-ablation", action="store_true")
     parser.add_argument("--threads", type=int, default=0, help="0: the build's default")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/zoo_exp"))
     parser.add_argument("--log", type=Path, default=Path("/tmp/zoo_exp/results.jsonl"))
@@ -192,13 +220,28 @@ def main() -> None:
         hidden_size=args.hidden, intermediate_size=args.inter, num_hidden_layers=args.layers
     )
     generic = {"text": 1.0, "copy": 1.0, "count": 1.0}
-    skill_share = args.pretrain_skill_frac / len(SKILL_NAMES)
+    skill_shares = dict.fromkeys(SKILL_NAMES, args.pretrain_skill_frac / len(SKILL_NAMES))
+    skill_shares.update(
+        (skill, float(share))
+        for skill, share in (x.split("=") for x in args.pretrain_skill_shares.split(",") if x)
+    )
+    easy_share = args.pretrain_easy_frac / len(SKILL_NAMES)
+    generic_share = 1 - sum(skill_shares.values()) - args.pretrain_easy_frac
     pre_mix = Mixture(
         {
-            **{k: v * (1 - args.pretrain_skill_frac) / 3 for k, v in generic.items()},
-            **dict.fromkeys(SKILL_NAMES, skill_share),
+            name: weight
+            for name, weight in {
+                **{k: v * generic_share / 3 for k, v in generic.items()},
+                **skill_shares,
+                **dict.fromkeys(map(easy, SKILL_NAMES), easy_share),
+            }.items()
+            if weight > 0
         }
     )
+    steps_factor = {
+        skill: float(factor)
+        for skill, factor in (x.split("=") for x in args.ft_steps_factor.split(",") if x)
+    }
     pre_cfg = TrainConfig(
         steps=args.pretrain_steps, lr=args.pretrain_lr, batch_size=args.batch, seed=args.seed
     )
@@ -214,9 +257,12 @@ def main() -> None:
     ft_seconds = {}
     frozen = tuple(x for x in args.ft_frozen.split(",") if x)
     for index, skill in enumerate(SKILL_NAMES):
-        mix = Mixture({skill: 1 - args.ft_replay, **{k: args.ft_replay / 3 for k in generic}})
+        replayed = pre_mix.weights if args.ft_replay_from == "pretrain" else generic
+        total = sum(replayed.values())
+        replay = {k: args.ft_replay * v / total for k, v in replayed.items()}
+        mix = Mixture({**replay, skill: replay.get(skill, 0.0) + 1 - args.ft_replay})
         cfg = TrainConfig(
-            steps=args.ft_steps,
+            steps=round(args.ft_steps * steps_factor.get(skill, 1.0)),
             lr=args.ft_lr,
             batch_size=args.batch,
             warmup_steps=20,
@@ -235,6 +281,10 @@ def main() -> None:
 
     def report(name: str, state: State) -> None:
         results[name] = evaluate(model, state, test)
+        if args.gen:
+            gen = {s: exact_match(model, test[s]) for s in SKILL_NAMES}
+            gen["avg"] = sum(gen.values()) / len(gen)
+            results[name] = {**results[name], **{f"gen_{k}": v for k, v in gen.items()}}
         print(f"{name:28s} {fmt(results[name])}", flush=True)
 
     print(
@@ -256,7 +306,7 @@ def main() -> None:
     # Which layers carry each skill: the specialist's delta applied to one layer (plus all non-layer tensors) at a time.
     layers = list(range(args.layers))
     ablation = {}
-    for i, skill in enumerate(SKILL_NAMES):
+    for i, skill in enumerate([] if args.no_ablation else SKILL_NAMES):
         row = {}
         for layer in [None, *layers]:
 
@@ -269,6 +319,16 @@ def main() -> None:
         ablation[skill] = row
         print(f"  ablation {skill:9s} {fmt(row)}")
     results["ablation"] = ablation  # type: ignore[assignment]
+
+    if args.model_search:
+        grid = (0.5, 0.7, 0.85, 1.0)
+        scored = []
+        for ws in itertools.product(grid, repeat=3):
+            state = task_arithmetic(base, experts, lambda i, n, ws=ws: ws[i])
+            scored.append((evaluate(model, state, dev)["avg"], ws))
+        dev_best, ws = max(scored)
+        print(f"  per-model TA weights {ws}: dev avg {dev_best:.3f}")
+        report(f"per-model TA {ws}", task_arithmetic(base, experts, lambda i, n: ws[i]))
 
     if args.layer_search:
         groups = [None, *layers]

@@ -13,6 +13,7 @@ import argparse
 import time
 from pathlib import Path
 
+from evomerge.preflight import resolve_tasks
 from evomerge.report import evaluate_rows, markdown_table
 from evomerge.search_config import load_search_config
 from evomerge.task_index import TaskSpec
@@ -32,6 +33,7 @@ def main() -> None:
     if args.gen:
         gen = [TaskSpec(f"{t.name}_gen", "exact_match") for t in config.test_tasks]
         config = config.model_copy(update={"test_tasks": gen})
+    config = resolve_tasks(config)  # concrete metric keys: the table reads them
     started = time.perf_counter()
     rows = evaluate_rows(config, None)
     print(markdown_table(rows, config))

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -25,8 +26,8 @@ from evomerge.zoo.build import (
     default_zoo_dir,
     finished_zoo,
 )
-from evomerge.zoo.corpus import Mixture
-from evomerge.zoo.probe import mc_accuracy
+from evomerge.zoo.corpus import Mixture, easy
+from evomerge.zoo.probe import exact_match, greedy_answers, mc_accuracy
 from evomerge.zoo.skills import (
     SKILL_NAMES,
     eval_items,
@@ -111,13 +112,25 @@ def test_training_data_never_contains_dev_or_test_items() -> None:
         for split in ("dev", "test")
         for item in eval_items(skill, split, 150)
     }
-    mixture = Mixture({"text": 1, "copy": 1, "count": 1, **dict.fromkeys(SKILL_NAMES, 3)})
+    mixture = Mixture(
+        {
+            "text": 1,
+            "copy": 1,
+            "count": 1,
+            **dict.fromkeys(SKILL_NAMES, 3),
+            **dict.fromkeys(map(easy, SKILL_NAMES), 3),
+        }
+    )
     stream = mixture.stream(seed=0)
-    seen = [next(stream) for _ in range(20_000)]
+    seen = [next(stream) for _ in range(40_000)]
     skill_prompts = [p.prompt for p in seen if p.prompt.split(" ")[0] in ("add", "rev", "shift")]
-    assert len(skill_prompts) > 10_000
+    assert len(skill_prompts) > 30_000
     assert all(split_of(p) == "train" for p in skill_prompts)
     assert not held_out & set(skill_prompts)
+    # the easy variants are in the stream (shorter operands than any full-size problem)
+    assert any(re.fullmatch(r"add \d\+\d+=", p) for p in skill_prompts)
+    assert any(re.fullmatch(r"rev [a-z]{2}=", p) for p in skill_prompts)
+    assert any(re.fullmatch(r"shift [a-z]=", p) for p in skill_prompts)
 
 
 def test_training_streams_are_deterministic() -> None:
@@ -279,4 +292,19 @@ def test_tasks_run_in_lm_eval_from_any_directory(
     assert results["zoo_shift_dev"]["acc,none"] == pytest.approx(
         mc_accuracy(model, eval_items("shift", "dev", 150))
     )
-    assert 0.0 <= results["zoo_addition_test_gen"]["exact_match,none"] <= 1.0
+    assert results["zoo_addition_test_gen"]["exact_match,none"] == pytest.approx(
+        exact_match(model, eval_items("addition", "test", 300))
+    )
+
+
+def test_greedy_answers_equal_transformers_generate(quick_zoo: Zoo) -> None:
+    """The build's generation probe decodes exactly as `generate` does, prompts of mixed lengths."""
+    tokenizer = AutoTokenizer.from_pretrained(quick_zoo.specialists["reversal"])
+    model = AutoModelForCausalLM.from_pretrained(quick_zoo.specialists["reversal"]).eval()
+    prompts = [item.prompt for skill in SKILL_NAMES for item in eval_items(skill, "dev", 8)]
+    expected = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        out = model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1] :]
+        expected.append(tokenizer.decode(out, skip_special_tokens=True).split("\n")[0])
+    assert greedy_answers(model, prompts) == expected

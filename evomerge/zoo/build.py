@@ -31,15 +31,15 @@ from transformers import PreTrainedModel
 
 from evomerge.atomic import atomic_write_text
 from evomerge.errors import CheckpointError
-from evomerge.zoo.corpus import Mixture
+from evomerge.zoo.corpus import Mixture, easy
 from evomerge.zoo.model import ModelShape, new_model, parameter_count
 from evomerge.zoo.probe import skill_accuracies
-from evomerge.zoo.skills import SKILL_NAMES, eval_items
+from evomerge.zoo.skills import SKILL_NAMES, SKILLS, eval_items
 from evomerge.zoo.tokenizer import save_tokenizer
 from evomerge.zoo.train import TrainConfig, set_cpu_threads, train
 
 MANIFEST = "zoo.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the base half-knows the skills (easy variants, per-skill traces)
 ZOO_DIR_ENV = "EVOMERGE_ZOO_DIR"
 PROBE_ITEMS = 150  # dev items per skill for the manifest's accuracy table
 
@@ -67,9 +67,11 @@ class ZooDesign:
     pretrain_mixture: Mixture
     pretrain: TrainConfig
     finetune: TrainConfig
-    finetune_replay: float  # share of generic pre-training data mixed into each fine-tune
-    # Skills are not equally hard: 2-digit addition needs about twice the steps that reversal and
-    # letter shifting need to be learned, so its fine-tune runs longer by this factor.
+    # share of each fine-tune's examples replayed from the pre-training mixture (generic data, the
+    # easy variants and the traces of every skill), which keeps what the base knew of the others
+    finetune_replay: float
+    # Skills are not equally hard to sharpen: 2-digit addition and reversing up to 6 letters need
+    # about twice the steps letter shifting needs, so their fine-tunes run longer by this factor.
     finetune_steps_factor: dict[str, float] = field(default_factory=dict)
     skills: tuple[str, ...] = SKILL_NAMES
     seed_offset: dict[str, int] = field(
@@ -77,13 +79,12 @@ class ZooDesign:
     )
 
     def finetune_mixture(self, skill: str) -> Mixture:
-        generic = [name for name in self.pretrain_mixture.weights if name not in self.skills]
-        return Mixture(
-            {
-                skill: 1 - self.finetune_replay,
-                **dict.fromkeys(generic, self.finetune_replay / len(generic)),
-            }
-        )
+        total = sum(self.pretrain_mixture.weights.values())
+        replay = {
+            name: self.finetune_replay * weight / total
+            for name, weight in self.pretrain_mixture.weights.items()
+        }
+        return Mixture({**replay, skill: replay.get(skill, 0.0) + 1 - self.finetune_replay})
 
     def finetune_config(self, skill: str) -> TrainConfig:
         steps = round(self.finetune.steps * self.finetune_steps_factor.get(skill, 1.0))
@@ -97,6 +98,7 @@ class ZooDesign:
 
     def to_json(self) -> dict[str, object]:
         return {
+            "skills": {skill: SKILLS[skill].description for skill in self.skills},
             "shape": self.shape.to_json(),
             "pretrain": {"mixture": self.pretrain_mixture.to_json(), **self.pretrain.to_json()},
             "finetune": {
@@ -109,23 +111,29 @@ class ZooDesign:
         }
 
 
+# The base half-knows every skill, as a pretrained model half-knows what a fine-tune sharpens:
+# 30% of its pre-training is the skills' easy variants (1-digit operands, 2-3 letter reversals,
+# 1-2 letter shifts) and a trace is the full-size skills, sized per skill so that the base scores
+# about half on each (shifting is picked up from far fewer examples than addition). Fine-tuning
+# then only sharpens: a low learning rate, half of every batch replayed from pre-training. The
+# specialists' task vectors stay small and merge; designed with scripts/zoo_experiment.py.
+_SKILL_TRACE = {"addition": 0.02, "reversal": 0.01, "shift": 0.001}
+_EASY_SHARE = 0.3
+_GENERIC_SHARE = 1 - _EASY_SHARE - sum(_SKILL_TRACE.values())
+
 FULL_DESIGN = ZooDesign(
     shape=ModelShape(),
-    # A trace of each skill (0.5% of examples each) in pre-training gives the base the formats and
-    # the beginnings of every skill's circuits, so the specialists' task vectors stay small and
-    # compatible enough to merge; the base alone still fails every skill (see the zoo table).
     pretrain_mixture=Mixture(
         {
-            "text": 0.985 / 3,
-            "copy": 0.985 / 3,
-            "count": 0.985 / 3,
-            **dict.fromkeys(SKILL_NAMES, 0.005),
+            **dict.fromkeys(("text", "copy", "count"), _GENERIC_SHARE / 3),
+            **_SKILL_TRACE,
+            **dict.fromkeys(map(easy, SKILL_NAMES), _EASY_SHARE / len(SKILL_NAMES)),
         }
     ),
     pretrain=TrainConfig(steps=1200, lr=2e-3, batch_size=64, warmup_steps=50, seed=0),
-    finetune=TrainConfig(steps=300, lr=1e-3, batch_size=64, warmup_steps=20, seed=0),
-    finetune_replay=0.25,
-    finetune_steps_factor={"addition": 2.0},
+    finetune=TrainConfig(steps=300, lr=5e-4, batch_size=64, warmup_steps=20, seed=0),
+    finetune_replay=0.5,
+    finetune_steps_factor={"addition": 2.0, "reversal": 2.0},
 )
 
 QUICK_DESIGN = ZooDesign(
@@ -133,7 +141,7 @@ QUICK_DESIGN = ZooDesign(
     pretrain_mixture=FULL_DESIGN.pretrain_mixture,
     pretrain=TrainConfig(steps=200, lr=3e-3, batch_size=32, warmup_steps=20, seed=0),
     finetune=TrainConfig(steps=80, lr=2e-3, batch_size=32, warmup_steps=10, seed=0),
-    finetune_replay=FULL_DESIGN.finetune_replay,
+    finetune_replay=0.25,
     finetune_steps_factor={"addition": 2.5},
 )
 
@@ -284,7 +292,9 @@ def _save_model(model: PreTrainedModel, out: Path) -> None:
 def _measure(zoo: Zoo) -> dict[str, dict[str, float]]:
     """Dev-split multiple-choice accuracy of every model on every skill (the build's self-check)."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar per model
     items = {skill: eval_items(skill, "dev", PROBE_ITEMS) for skill in zoo.skills}
     accuracy = {}
     for name, path in zoo.models.items():

@@ -2,8 +2,8 @@
 
 The generic sources give a model general ability without any of the skills: text-like
 pseudo-words, copying a string, and counting on from a number. A `Mixture` names the
-sources of a training run and how often each is drawn; skill sources draw only from the
-training split (see `skills.split_of`).
+sources of a training run and how often each is drawn; skill sources (`addition`, or its easy
+variant `addition:easy`) draw only from the training split (see `skills.split_of`).
 """
 
 from __future__ import annotations
@@ -48,14 +48,28 @@ GENERIC_SOURCES: dict[str, Callable[[random.Random], Problem]] = {
 }
 
 
+EASY_SUFFIX = ":easy"
+
+
+def easy(skill: str) -> str:
+    """The corpus source name of a skill's easy variant: `addition:easy`."""
+    return skill + EASY_SUFFIX
+
+
+def _skill_source(name: str) -> tuple[str, bool] | None:
+    """(skill, easy) for a skill source name, None for a generic one."""
+    skill = name.removesuffix(EASY_SUFFIX)
+    return (skill, skill != name) if skill in SKILLS else None
+
+
 @dataclass(frozen=True)
 class Mixture:
-    """Source name (a generic source or a skill) -> relative weight."""
+    """Source name (a generic source, a skill, or a skill's easy variant) -> relative weight."""
 
     weights: Mapping[str, float]
 
     def __post_init__(self) -> None:
-        unknown = set(self.weights) - set(GENERIC_SOURCES) - set(SKILLS)
+        unknown = {n for n in self.weights if n not in GENERIC_SOURCES and not _skill_source(n)}
         if unknown:
             raise ValueError(f"unknown corpus source {sorted(unknown)[0]!r}")
         if not self.weights or min(self.weights.values()) < 0 or sum(self.weights.values()) <= 0:
@@ -66,7 +80,11 @@ class Mixture:
         rng = random.Random(seed)
         names = [name for name, weight in self.weights.items() if weight > 0]
         weights = [self.weights[name] for name in names]
-        skill_streams = {name: problems(name, "train", rng) for name in names if name in SKILLS}
+        skill_streams = {
+            name: problems(source[0], "train", rng, easy=source[1])
+            for name in names
+            if (source := _skill_source(name))
+        }
         while True:
             name = rng.choices(names, weights)[0]
             yield next(skill_streams[name]) if name in skill_streams else GENERIC_SOURCES[name](rng)

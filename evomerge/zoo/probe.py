@@ -13,10 +13,12 @@ import torch
 from transformers import PreTrainedModel
 
 from evomerge.zoo.skills import MCItem
-from evomerge.zoo.tokenizer import PAD, VOCAB
+from evomerge.zoo.tokenizer import EOS, PAD, VOCAB
 from evomerge.zoo.train import encode
 
 _PAD_ID = VOCAB.index(PAD)
+_EOS_ID = VOCAB.index(EOS)
+_NEWLINE_ID = VOCAB.index("\n")
 
 
 @torch.no_grad()
@@ -59,3 +61,43 @@ def skill_accuracies(
 ) -> dict[str, float]:
     model.eval()
     return {skill: mc_accuracy(model, skill_items) for skill, skill_items in items.items()}
+
+
+@torch.no_grad()
+def greedy_answers(
+    model: PreTrainedModel, prompts: Sequence[str], *, max_new_tokens: int = 8
+) -> list[str]:
+    """Greedy continuations up to `<eos>` or a newline, as the `_gen` lm-eval tasks generate them.
+
+    Prompts of one length decode together, so no padding or attention mask is needed.
+    """
+    by_length: dict[int, list[int]] = {}
+    for index, prompt in enumerate(prompts):
+        by_length.setdefault(len(prompt), []).append(index)
+    answers = [""] * len(prompts)
+    for indices in by_length.values():
+        input_ids = torch.tensor([encode(prompts[i]) for i in indices])
+        done = torch.zeros(len(indices), dtype=torch.bool)
+        generated: list[torch.Tensor] = []
+        for _ in range(max_new_tokens):
+            next_ids = model(input_ids=input_ids).logits[:, -1].argmax(-1)
+            generated.append(next_ids)
+            done |= (next_ids == _EOS_ID) | (next_ids == _NEWLINE_ID)
+            if bool(done.all()):
+                break
+            input_ids = torch.cat([input_ids, next_ids[:, None]], dim=1)
+        tokens = torch.stack(generated, dim=1).tolist()
+        for row, index in enumerate(indices):
+            text = []
+            for token in tokens[row]:
+                if token in (_EOS_ID, _NEWLINE_ID):
+                    break
+                text.append(VOCAB[token] if token < len(VOCAB) else "")
+            answers[index] = "".join(text)
+    return answers
+
+
+def exact_match(model: PreTrainedModel, items: Sequence[MCItem]) -> float:
+    """Share of items whose greedy answer is exactly the right one (the `_gen` tasks' metric)."""
+    answers = greedy_answers(model, [item.prompt for item in items])
+    return sum(a == item.answer for a, item in zip(answers, items, strict=True)) / len(items)

@@ -7,8 +7,8 @@ held-out report). Training samplers only ever draw training prompts, so no model
 has seen a dev or test item, and dev and test never share one.
 
 Distractors are the mistakes a model that half-knows the skill would make: an addition
-without its carry or one digit off, a reversal with two letters out of place, a shift by two
-letters instead of one. All choices of an item have the answer's length, so summed
+without its carry or one digit off, a reversal that repeats a neighbouring letter near its end
+or has two letters out of place, a shift by two letters instead of one. All choices of an item have the answer's length, so summed
 log-likelihoods compare like with like.
 """
 
@@ -71,6 +71,10 @@ class Skill:
     description: str
     problem: Callable[[random.Random], Problem]
     mistakes: Callable[[Problem, random.Random], list[str]]  # wrong answers, most plausible first
+    # A smaller version of the skill in the same format (shorter operands), for pre-training: a base
+    # that has seen it half-knows the skill, as a real pretrained model half-knows what a fine-tune
+    # sharpens. Its prompts go through the same split hash, so none is a dev or test prompt.
+    easy: Callable[[random.Random], Problem]
 
 
 # --- the skills -------------------------------------------------------------------------------
@@ -89,6 +93,13 @@ def _addition_problem(rng: random.Random) -> Problem:
     return Problem(f"add {a}+{b}=", str(a + b))
 
 
+def _easy_addition_problem(rng: random.Random) -> Problem:
+    """One operand of one digit: `add 7+5=`, `add 43+8=`, `add 6+71=`."""
+    a, b = rng.randint(0, 9), rng.randint(0, 99)
+    a, b = (a, b) if rng.random() < 0.5 else (b, a)
+    return Problem(f"add {a}+{b}=", str(a + b))
+
+
 def _addition_mistakes(problem: Problem, rng: random.Random) -> list[str]:
     a, b = (int(x) for x in problem.prompt[4:-1].split("+"))
     total = a + b
@@ -102,6 +113,11 @@ def _addition_mistakes(problem: Problem, rng: random.Random) -> list[str]:
 
 def _reversal_problem(rng: random.Random) -> Problem:
     word = _random_word(rng, 3, 6)
+    return Problem(f"rev {word}=", word[::-1])
+
+
+def _easy_reversal_problem(rng: random.Random) -> Problem:
+    word = _random_word(rng, 2, 3)
     return Problem(f"rev {word}=", word[::-1])
 
 
@@ -133,11 +149,33 @@ def _reversal_mistakes(problem: Problem, rng: random.Random) -> list[str]:
         for by in (1, -1)
     ]
     rng.shuffle(substituted)
-    return [*adjacent_swaps[:1], word, *partial, *adjacent_swaps[1:], *substituted]
+    # A model that half-knows reversal gets the start right and slips near the end, writing a
+    # neighbouring letter again (`zyax` -> `zyaa`, `zyay`): the closest mistakes come first.
+    slips = [
+        answer[:i] + answer[j] + answer[i + 1 :]
+        for i in range(n // 2, n)
+        for j in (i - 1, i - 2, i + 1)
+        if 0 <= j < n and answer[j] != answer[i]
+    ]
+    rng.shuffle(slips)
+    return [
+        *slips[:2],
+        *adjacent_swaps[:1],
+        word,
+        *partial,
+        *slips[2:],
+        *adjacent_swaps[1:],
+        *substituted,
+    ]
 
 
 def _shift_problem(rng: random.Random) -> Problem:
     word = _random_word(rng, 3, 6)
+    return Problem(f"shift {word}=", shift_letters(word, 1))
+
+
+def _easy_shift_problem(rng: random.Random) -> Problem:
+    word = _random_word(rng, 1, 2)
     return Problem(f"shift {word}=", shift_letters(word, 1))
 
 
@@ -159,21 +197,24 @@ SKILLS: dict[str, Skill] = {
     for skill in (
         Skill(
             "addition",
-            "sum of two 2-digit numbers: `add 37+48=` -> `85`",
+            "sum of two 2-digit numbers: `add 37+48=` -> `85` (easy: one operand of one digit)",
             _addition_problem,
             _addition_mistakes,
+            _easy_addition_problem,
         ),
         Skill(
             "reversal",
-            "a 3-6 letter string backwards: `rev abcd=` -> `dcba`",
+            "a 3-6 letter string backwards: `rev abcd=` -> `dcba` (easy: 2-3 letters)",
             _reversal_problem,
             _reversal_mistakes,
+            _easy_reversal_problem,
         ),
         Skill(
             "shift",
-            "each letter moved one on in the alphabet: `shift abz=` -> `bca`",
+            "each letter of 3-6 moved one on in the alphabet: `shift abz=` -> `bca` (easy: 1-2 letters)",
             _shift_problem,
             _shift_mistakes,
+            _easy_shift_problem,
         ),
     )
 }
@@ -190,9 +231,11 @@ def _skill(name: str) -> Skill:
         raise ValueError(f"unknown skill {name!r} (known: {', '.join(SKILLS)})") from None
 
 
-def problems(skill: str, split: Split, rng: random.Random) -> Iterator[Problem]:
+def problems(
+    skill: str, split: Split, rng: random.Random, *, easy: bool = False
+) -> Iterator[Problem]:
     """An endless stream of problems of one split (training draws repeat; that is fine)."""
-    make = _skill(skill).problem
+    make = _skill(skill).easy if easy else _skill(skill).problem
     while True:
         problem = make(rng)
         if split_of(problem.prompt) == split:
