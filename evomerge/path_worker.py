@@ -45,6 +45,11 @@ class PathEvaluator:
                 output_config(plan, self.merger.sources[plan.reference_model].config), tensors
             )
         self.path = PathModel(models, setup.path_reference or setup.reference_model)
+        # what the report reads of an evaluator: its scorer, and the model it scored last
+        self.scorer = self.merger.scorer
+        self.tokenizer = self.merger.tokenizer
+        self.device = self.merger.device
+        self.model: Any = self.merger.model
 
     def evaluate(self, job: Job) -> TrialResult:
         from evomerge.path_model import is_path_recipe
@@ -53,20 +58,23 @@ class PathEvaluator:
         try:
             recipe = Recipe.from_dict(job.recipe)
         except Exception:
-            return self.merger.evaluate(job)  # which reports the recipe's error as the trial's
-        if not is_path_recipe(recipe):
+            recipe = None  # the merger reports the recipe's error as the trial's
+        if recipe is None or not is_path_recipe(recipe):
+            self.model = self.merger.model
             return self.merger.evaluate(job)
+        self.model = self.path.shell
         return run_trial(
             job,
             self.name,
             lambda: self.path.build(recipe),
-            lambda: self.merger.scorer.score(self.path.shell, self.merger.tokenizer),
+            lambda: self.scorer.score(self.path.shell, self.tokenizer),
         )
 
     def score_model_dir(self, path: str) -> TrialResult:
         """Score a model: a loaded source as usual; a model given as a recipe, as the path through all its
         layers; any other directory (e.g. an exported path, whose layer count differs) loaded for this call."""
         if path in self.merger.sources:
+            self.model = self.merger.model
             return self.merger.score_model_dir(path)
         if path in self.path.models:
             n = int(self.path.models[path].config.num_hidden_layers)

@@ -427,6 +427,7 @@ def test_dfs_search_exports_the_model_it_scored(quick_zoo, tmp_path):
 
     from evomerge.cli import app
     from evomerge.export import trial_recipe
+    from evomerge.report import make_report
     from evomerge.run import build_setup, search
     from evomerge.search_config import load_search_config
     from evomerge.workers import evaluator_class
@@ -436,6 +437,7 @@ def test_dfs_search_exports_the_model_it_scored(quick_zoo, tmp_path):
         "models": [a, *others],
         "dfs": {"repeats": 2, "min_layers": 2, "max_layers": 8},
         "tasks": [f"zoo_{s}_dev" for s in quick_zoo.skills],
+        "test_tasks": ["zoo_shift_test"],
         "limit": 8,
         "optimizer": {"kind": "cma", "popsize": 4, "sigma0": 0.3, "seed": 0},
         "warm_start": [
@@ -468,6 +470,19 @@ def test_dfs_search_exports_the_model_it_scored(quick_zoo, tmp_path):
     setup = build_setup(load_search_config(summary.run_dir / "config.yaml")[0])
     evaluator = evaluator_class(setup.worker)(setup.worker)
     assert evaluator.score_model_dir(str(merged)).fitness == pytest.approx(record.fitness, abs=1e-6)
+
+    # the report of a DFS run: the best path and the sources, each also scored on the search's
+    # `limit` items, where the best path scores its logged fitness again
+    report = make_report(summary.run_dir)
+    rows = {row["name"]: row for row in report["rows"]}
+    evolved = rows[f"evolved (trial #{record.id})"]
+    search_dev = [evolved["search_dev"][f"zoo_{s}_dev"] for s in quick_zoo.skills]
+    assert sum(search_dev) / len(search_dev) == pytest.approx(record.fitness, abs=1e-6)
+    assert set(rows) >= {
+        f"evolved (trial #{record.id})",
+        *(Path(m).name for m in config["models"]),
+    }
+    assert (summary.run_dir / "report.md").is_file()
 
 
 def test_cli_refuses_a_gpt2_dfs_before_loading(gpt2_family, tmp_path):
