@@ -1,6 +1,6 @@
 """Build the demo zoo: a tiny Llama base model and one specialist per skill, on the CPU.
 
-    zoo = build_zoo()            # reuses a finished build; ~3 minutes on 2 cores otherwise
+    zoo = build_zoo()            # reuses a finished build; ~4.5 minutes on 2 cores otherwise
     zoo.base, zoo.specialists["addition"]
 
 Layout of a zoo directory (the quick zoo lives in its own `quick/` subdirectory):
