@@ -207,6 +207,9 @@ def build(
     """Train and save a zoo of `design` under `root`, unless a finished one is already there."""
     if not force and (existing := finished_zoo(root, design)) is not None:
         return existing
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the build's own bars only: no "Writing model shards" / "Loading weights"
     root.mkdir(parents=True, exist_ok=True)
     (root / MANIFEST).unlink(missing_ok=True)  # from here on, the old build is gone
     threads = set_cpu_threads()
@@ -292,9 +295,7 @@ def _save_model(model: PreTrainedModel, out: Path) -> None:
 def _measure(zoo: Zoo) -> dict[str, dict[str, float]]:
     """Dev-split multiple-choice accuracy of every model on every skill (the build's self-check)."""
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # no "Loading weights" bar per model
     items = {skill: eval_items(skill, "dev", PROBE_ITEMS) for skill in zoo.skills}
     accuracy = {}
     for name, path in zoo.models.items():
