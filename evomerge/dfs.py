@@ -330,7 +330,7 @@ def build_dfs_setup(config: Any, *, device: str | None = None) -> Any:
     """The `SearchSetup` of a config with a `dfs:` section: the space and a path worker. Reads configs only."""
     from evomerge.model_refs import resolve_model, resolve_recipe_refs
     from evomerge.path_worker import recipe_models
-    from evomerge.run import SearchSetup
+    from evomerge.run import SearchSetup, scoring_settings
     from evomerge.workers import WorkerSetup
 
     assert config.dfs is not None
@@ -359,14 +359,7 @@ def build_dfs_setup(config: Any, *, device: str | None = None) -> Any:
     worker = WorkerSetup(
         models=tuple(model_dirs),
         reference_model=a.recipe.tokenizer_model() if a.recipe else a.ref,
-        tasks=tuple(config.tasks),
-        include_paths=tuple(str(Path(p).expanduser().resolve()) for p in config.task_paths),
-        dtype=config.dtype,
-        limit=config.limit,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        device=device or config.device,
-        backend=config.backend,
+        **scoring_settings(config, device),
         evaluator="path",
         recipe_models=recipe_models([s.ref for s in sources if s.recipe is not None]),
         path_reference=a.ref,

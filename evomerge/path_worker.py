@@ -9,12 +9,18 @@ default merges), which goes to the ordinary merge-and-load evaluation. A model g
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from evomerge.workers import CandidateEvaluator, Job, TrialResult, WorkerSetup, run_trial
+from evomerge.workers import (
+    CandidateEvaluator,
+    Job,
+    TrialResult,
+    WorkerSetup,
+    run_trial,
+    timed_score,
+)
 
 
 class PathEvaluator:
@@ -83,18 +89,7 @@ class PathEvaluator:
                 "slices": [{"sources": [{"model": path, "layer_range": [0, n]}]}],
             }
             return self.evaluate(Job(-1, recipe))
-        t0 = time.perf_counter()
-        score = self.merger.scorer.score(path)
-        return TrialResult(
-            -1,
-            "ok",
-            score.fitness,
-            score.metrics,
-            None,
-            time.perf_counter() - t0 - score.seconds,
-            score.seconds,
-            self.name,
-        )
+        return timed_score(self.name, lambda: self.scorer.score(path))
 
     def ping(self) -> str:
         return self.name

@@ -103,18 +103,25 @@ def build_setup(config: SearchConfig, *, device: str | None = None) -> SearchSet
     worker = WorkerSetup(
         models=all_models,
         reference_model=tokenizer or base or models[0],
-        tasks=tuple(config.tasks),
-        include_paths=tuple(str(Path(p).expanduser().resolve()) for p in config.task_paths),
-        dtype=config.dtype,
-        limit=config.limit,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        device=device or config.device,
-        backend=config.backend,
+        **scoring_settings(config, device),
         source_device=config.source_device,
         engine_args=dict(config.engine_args),
     )
     return SearchSetup(config, models, base, space, worker)
+
+
+def scoring_settings(config: SearchConfig, device: str | None) -> dict[str, Any]:
+    """The `WorkerSetup` fields every kind of search takes from its config as they are."""
+    return {
+        "tasks": tuple(config.tasks),
+        "include_paths": tuple(str(Path(p).expanduser().resolve()) for p in config.task_paths),
+        "dtype": config.dtype,
+        "limit": config.limit,
+        "batch_size": config.batch_size,
+        "seed": config.seed,
+        "device": device or config.device,
+        "backend": config.backend,
+    }
 
 
 def demo_config_path() -> Path:

@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 from typing import Any
 
-from evomerge.workers import Job, TrialResult, WorkerSetup, run_trial
+from evomerge.workers import Job, TrialResult, WorkerSetup, run_trial, timed_score
 
 
 class VLLMCandidateEvaluator:
@@ -77,13 +76,12 @@ class VLLMCandidateEvaluator:
 
     def score_model_dir(self, path: str) -> TrialResult:
         """Score weights read from a model directory (the report's source models)."""
-        t0 = time.perf_counter()
-        self.engine.load(path)
-        load_seconds = time.perf_counter() - t0
-        score = self.scorer.score(self.engine)
-        return TrialResult(
-            -1, "ok", score.fitness, score.metrics, None, load_seconds, score.seconds, self.name
-        )
+
+        def load_and_score() -> Any:
+            self.engine.load(path)
+            return self.scorer.score(self.engine)
+
+        return timed_score(self.name, load_and_score)
 
     def ping(self) -> str:
         return self.name

@@ -75,6 +75,22 @@ class TrialResult:
     objectives: tuple[float, ...] = ()  # per fitness task (see Scorer.objectives)
 
 
+def timed_score(worker: str, load_and_score: Callable[[], Any]) -> TrialResult:
+    """A model scored outside the search (the report's rows): the time not spent scoring counts as loading."""
+    t0 = time.perf_counter()
+    score = load_and_score()
+    return TrialResult(
+        -1,
+        "ok",
+        score.fitness,
+        score.metrics,
+        None,
+        time.perf_counter() - t0 - score.seconds,
+        score.seconds,
+        worker,
+    )
+
+
 def run_trial(
     job: Job, worker: str, materialize: Callable[[], None], score: Callable[[], Any]
 ) -> TrialResult:
@@ -252,25 +268,18 @@ class CandidateEvaluator:
         from evomerge.io.reader import ModelReader
         from evomerge.merge import DTYPES
 
-        t0 = time.perf_counter()
-        reader = ModelReader(Path(path))
-        source = f"model directory {path}"
-        self._check_names(reader.names, source)
-        dtype = DTYPES[self.setup.dtype]
-        self.load_weights(
-            {n: reader.get(n, dtype=dtype, device=self.device) for n in reader.names}, source=source
-        )
-        score = self._score_live()
-        return TrialResult(
-            -1,
-            "ok",
-            score.fitness,
-            score.metrics,
-            None,
-            time.perf_counter() - t0 - score.seconds,
-            score.seconds,
-            self.name,
-        )
+        def load_and_score() -> Score:
+            reader = ModelReader(Path(path))
+            source = f"model directory {path}"
+            self._check_names(reader.names, source)
+            dtype = DTYPES[self.setup.dtype]
+            self.load_weights(
+                {n: reader.get(n, dtype=dtype, device=self.device) for n in reader.names},
+                source=source,
+            )
+            return self._score_live()
+
+        return timed_score(self.name, load_and_score)
 
     def ping(self) -> str:
         return self.name
